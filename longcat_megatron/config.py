@@ -1,0 +1,325 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted command-line overrides.
+
+A run config is a tree of dataclasses (:class:`RunConfig`). ``load_config(path, overrides)`` reads a
+YAML file from ``configs/``, applies overrides such as ``parallel.tensor=2`` and checks every field:
+an unknown field or a value of the wrong type raises :class:`ConfigError` naming the field, what is
+allowed and where it came from. The resolved config is written as YAML next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from longcat_megatron.data.config import DataConfig
+from longcat_megatron.model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config file, field or override is invalid; the message says which and how to fix it."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel size is derived: world / (tensor * pipeline * context)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    # gloo/CUDA backend is chosen automatically; "auto" | "gloo" | "nccl".
+    backend: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_iters: int = 100
+    seed: int = 1234
+    eval_interval: int = 0
+    eval_iters: int = 2
+    # Stop (after saving) once this many minutes have passed; 0 = no limit.
+    exit_duration_mins: float = 0.0
+    # Save and exit on SIGTERM/SIGUSR1 (SLURM pre-timeout warning, scancel --signal).
+    exit_signal_handler: bool = True
+    # Stop after this iteration (saving first), e.g. to split a run in two; 0 = train_iters.
+    exit_interval: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup then 'cosine', 'linear', 'constant' or 'wsd'."""
+
+    style: str = "cosine"
+    warmup_iters: int = 10
+    # Iterations over which the LR decays (default: train_iters).
+    decay_iters: Optional[int] = None
+    # WSD: length of the final decay phase, and its shape ('linear', 'cosine', 'exponential', 'minus_sqrt').
+    wsd_decay_iters: int = 0
+    wsd_decay_style: str = "linear"
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: int = 0
+    # Save the optimizer in the format that can be loaded under another TP/PP/EP layout.
+    fully_reshardable: bool = True
+    async_save: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    # Start from --load's weights with iteration 0, fresh optimizer and schedule (fine-tuning).
+    finetune: bool = False
+    # Resume even though the dataset fingerprint in the checkpoint differs from this run's data.
+    allow_data_change: bool = False
+    keep_last: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ------------------------------------------------------------------------------------ conversion
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check/convert ``value`` against the annotation ``tp``; raise ConfigError at ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(
+            f"unknown field '{name}'. Allowed fields{' of ' + where if where else ''}: "
+            f"{', '.join(sorted(fields))}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+    return obj
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (YAML-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'a.b=3'`` -> ``('a.b', 3)``; the value is parsed as YAML (numbers, true/false, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override '{text}' is not of the form section.field=value (e.g. parallel.tensor=2)"
+        )
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a RunConfig from a YAML file plus ``section.field=value`` overrides, fully validated."""
+    tree: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist (see configs/ for examples)")
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    where = f" (in {path})" if path else ""
+    try:
+        cfg = _build(RunConfig, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no process group (sizes vs. model shape, schedule names, batch sizes)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for name in ("tensor", "pipeline", "context", "expert"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)} must be >= 1")
+    if m.num_attention_heads % p.tensor:
+        raise ConfigError(
+            f"parallel.tensor={p.tensor} does not divide model.num_attention_heads="
+            f"{m.num_attention_heads}; pick a tensor-parallel size that divides the head count"
+        )
+    if m.num_layers % p.pipeline:
+        raise ConfigError(
+            f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}"
+        )
+    if p.virtual_pipeline and m.num_layers % (p.pipeline * p.virtual_pipeline):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline * "
+            f"parallel.virtual_pipeline = {p.pipeline * p.virtual_pipeline}"
+        )
+    if m.num_experts:
+        if m.num_experts % p.expert:
+            raise ConfigError(
+                f"parallel.expert={p.expert} does not divide model.num_experts={m.num_experts}"
+            )
+        if p.tensor > 1 and not p.sequence_parallel:
+            raise ConfigError(
+                "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true "
+                "(megatron-core requires it)"
+            )
+    elif p.expert > 1:
+        raise ConfigError(f"parallel.expert={p.expert} but the model has no experts (model.num_experts)")
+    if p.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    if cfg.schedule.style not in ("cosine", "linear", "constant", "wsd"):
+        raise ConfigError(
+            f"schedule.style={cfg.schedule.style!r}: use cosine, linear, constant or wsd"
+        )
+    if cfg.schedule.style == "wsd" and cfg.schedule.wsd_decay_iters <= 0:
+        raise ConfigError("schedule.style=wsd needs schedule.wsd_decay_iters > 0")
+    if cfg.data.seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}"
+        )
+    cfg.data.validate()
+    m.validate()
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

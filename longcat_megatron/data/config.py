@@ -1,0 +1,73 @@
+"""Data settings (the ``data:`` section of a run config)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class DataConfigError(ValueError):
+    """Invalid data settings; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    # Indexed-dataset prefixes (``PREFIX.bin``/``PREFIX.idx``), optionally weighted as in Megatron-LM:
+    # ["corpusA"] or [0.7, "corpusA", 0.3, "corpusB"].
+    paths: list = field(default_factory=list)
+    # train/valid/test split of each prefix, in parts (Megatron-LM's --split).
+    split: str = "98,2,0"
+    seq_length: int = 128
+    # Directory of a Hugging Face tokenizer (tokenizer.json); used for EOS id and export.
+    tokenizer: Optional[str] = None
+    eod_token_id: int = 2
+    # Where megatron-core caches its sample indices (default: next to the data).
+    cache_dir: Optional[str] = None
+    # Position ids restart at each document; optional attention masking across documents.
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    # Synthetic random tokens instead of files (tests and dry runs only).
+    mock: bool = False
+
+    def prefixes(self) -> list[str]:
+        """The dataset prefixes in ``paths`` (weights dropped)."""
+        return [p for p in self.paths if isinstance(p, str)]
+
+    def weights(self) -> Optional[list[float]]:
+        """Blend weights, or None when ``paths`` has no weights."""
+        nums = [p for p in self.paths if not isinstance(p, str)]
+        if not nums:
+            return None
+        return [float(w) for w in nums]
+
+    def validate(self) -> None:
+        if self.seq_length < 2:
+            raise DataConfigError(f"data.seq_length={self.seq_length} must be >= 2")
+        if self.mock:
+            return
+        if not self.paths:
+            raise DataConfigError(
+                "data.paths is empty: give indexed-dataset prefixes (made by "
+                "`python -m data_tools.preprocess`), or set data.mock=true for synthetic tokens"
+            )
+        weights = self.weights()
+        if weights is not None and len(weights) != len(self.prefixes()):
+            raise DataConfigError(
+                "data.paths mixes weights and prefixes unevenly: use [w1, prefix1, w2, prefix2, ...]"
+            )
+        for prefix in self.prefixes():
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise DataConfigError(
+                        f"data.paths: '{prefix}{ext}' does not exist. Run "
+                        "`python -m data_tools.preprocess` to create it, or fix the prefix."
+                    )
+        parts = self.split.split(",")
+        try:
+            nums = [float(x) for x in parts]
+        except ValueError:
+            nums = []
+        if not nums or sum(nums) <= 0 or any(n < 0 for n in nums):
+            raise DataConfigError(f"data.split={self.split!r}: use parts like '98,2,0'")

@@ -1,0 +1,175 @@
+"""Distributed runtime: torch.distributed + megatron-core parallel_state + seeding.
+
+Reads the launcher's environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or
+SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when started by ``srun`` directly), picks NCCL+CUDA
+when a GPU is present and gloo+CPU otherwise, applies the CPU adaptations only on CPU, and builds
+megatron-core's tensor/pipeline/context/expert/data parallel groups.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from longcat_megatron import cpu_compat, mcore_fixes
+
+
+class ParallelSizeError(ValueError):
+    """The parallel sizes do not fit the world size or the model."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved parallel layout of this job."""
+
+    world: int
+    tensor: int
+    pipeline: int
+    context: int
+    expert: int
+    data: int
+    virtual_pipeline: Optional[int] = None
+
+    def describe(self) -> str:
+        vpp = f" VPP={self.virtual_pipeline}" if self.virtual_pipeline else ""
+        return (
+            f"world={self.world} = TP{self.tensor} x CP{self.context} x PP{self.pipeline} x "
+            f"DP{self.data} (EP{self.expert} inside DPxCPxTP){vpp}"
+        )
+
+
+def resolve_layout(
+    world: int,
+    tensor: int = 1,
+    pipeline: int = 1,
+    context: int = 1,
+    expert: int = 1,
+    virtual_pipeline: Optional[int] = None,
+    num_experts: Optional[int] = None,
+) -> Layout:
+    """Check the sizes against the world size and return the layout, or raise ParallelSizeError."""
+    model_parallel = tensor * pipeline * context
+    if world % model_parallel:
+        raise ParallelSizeError(
+            f"world size {world} is not divisible by tensor ({tensor}) x pipeline ({pipeline}) x "
+            f"context ({context}) = {model_parallel}; change the number of processes or the sizes"
+        )
+    data = world // model_parallel
+    # megatron-core places expert parallelism inside the (data x context x tensor) ranks of a stage
+    # (expert-tensor size defaults to tensor).
+    if (data * context * tensor) % (expert * tensor):
+        raise ParallelSizeError(
+            f"expert parallel size {expert} does not divide data ({data}) x context ({context}) = "
+            f"{data * context} ranks per tensor-parallel slot; use an expert size that divides it"
+        )
+    if num_experts is not None and num_experts % expert:
+        raise ParallelSizeError(
+            f"expert parallel size {expert} does not divide the number of experts {num_experts}"
+        )
+    if virtual_pipeline is not None and pipeline < 2:
+        raise ParallelSizeError("virtual pipeline stages need pipeline parallel size >= 2")
+    return Layout(world, tensor, pipeline, context, expert, data, virtual_pipeline)
+
+
+def _env_int(*names: str, default: Optional[int] = None) -> Optional[int]:
+    for n in names:
+        if os.environ.get(n) not in (None, ""):
+            return int(os.environ[n])
+    return default
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or SLURM; (0, 1, 0) when run bare."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    return rank, world, local
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("LONGCAT_FORCE_CPU") != "1"
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
+    """Initialise torch.distributed (idempotent). Returns (rank, world_size)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world, local = launcher_env()
+    if backend == "auto":
+        backend = "nccl" if use_cuda() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    else:
+        cpu_compat.apply()
+    mcore_fixes.apply()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(
+        backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
+    )
+    return rank, world
+
+
+def init_parallel_state(layout: Layout) -> None:
+    """Build megatron-core's process groups for ``layout`` (destroying earlier ones)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+        expert_model_parallel_size=layout.expert,
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch identically on every rank (so that init is reproducible), then
+    megatron-core's model-parallel RNG tracker (different streams per TP/EP rank, as megatron does)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(
+    tensor: int = 1,
+    pipeline: int = 1,
+    context: int = 1,
+    expert: int = 1,
+    virtual_pipeline: Optional[int] = None,
+    num_experts: Optional[int] = None,
+    seed: int = 1234,
+    backend: str = "auto",
+) -> Layout:
+    """Everything a training or test process needs before building a model."""
+    rank, world = init_distributed(backend)
+    layout = resolve_layout(world, tensor, pipeline, context, expert, virtual_pipeline, num_experts)
+    init_parallel_state(layout)
+    set_seed(seed)
+    return layout
+
+
+def shutdown() -> None:
+    """Destroy parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
