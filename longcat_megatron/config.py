@@ -17,11 +17,13 @@ from typing import Any, Optional
 
 import yaml
 
+from longcat_megatron.errors import UserInputError
+
 from longcat_megatron.data.config import DataConfig
 from longcat_megatron.model.config import ModelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A config file, field or override is invalid; the message says which and how to fix it."""
 
 

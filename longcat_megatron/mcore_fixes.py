@@ -78,11 +78,41 @@ def fix_torch_norm_sequence_parallel() -> None:
     torch_norm.WrappedTorchNorm.__new__ = new
 
 
+def fix_optimizer_state_restore() -> None:
+    """Loading a distributed-optimizer checkpoint with torch Adam (no apex/TE fused Adam) copies
+    every key of the param's state, ``step`` included: ``KeyError: 'step'`` for fully-reshardable
+    checkpoints, and a silent reset of ``step`` (Adam's bias correction) for dp-reshardable ones; it
+    also copies into fp32 main params that are views of leaf params without ``no_grad``. ``step`` is
+    restored from the param groups by ``load_state_dict``, so skip it and copy under no_grad."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", False):
+        return
+    orig = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(orig, "_longcat", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return orig(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key != "step" and key in dst:
+                    dst[key].copy_(value)
+
+    set_states._longcat = True
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 FIXES = (
     fix_router_gemm_name,
     fix_mla_have_te,
     fix_local_attention_kwargs,
     fix_torch_norm_sequence_parallel,
+    fix_optimizer_state_restore,
 )
 
 

@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from longcat_megatron import cpu_compat, mcore_fixes
+from longcat_megatron.errors import UserInputError
 
 
-class ParallelSizeError(ValueError):
+class ParallelSizeError(UserInputError):
     """The parallel sizes do not fit the world size or the model."""
 
 

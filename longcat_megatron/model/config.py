@@ -3,6 +3,12 @@
 ``arch: gpt`` builds megatron-core's GPTModel with the local layer spec (the baseline the training
 loop was proven on); ``arch: longcat`` builds the LongCat-Flash model (``longcat_megatron.model``).
 Fields that only one architecture reads say so.
+
+LongCat naming follows the HF ``LongcatFlashConfig`` where a field exists there:
+``num_layers`` counts *shortcut layers* (each holds two attention blocks, two dense MLPs and one
+MoE), ``num_experts`` is ``n_routed_experts`` (FFN experts only), ``moe_router_topk`` is ``moe_topk``
+(over FFN + zero experts), ``moe_ffn_hidden_size`` is ``expert_ffn_hidden_size`` and
+``ffn_hidden_size`` is the dense MLP width.
 """
 
 from __future__ import annotations
@@ -38,6 +44,52 @@ class ModelConfig:
     moe_token_dispatcher_type: str = "allgather"
     moe_aux_loss_coeff: float = 0.0
 
+    # ---- LongCat only (arch: longcat) -------------------------------------------------------
+    # Zero-computation (identity) experts next to the ``num_experts`` FFN experts.
+    zero_expert_num: int = 0
+    # Routing weights = softmax score x this factor (no renormalisation).
+    routed_scaling_factor: float = 1.0
+    # MLA (always with q-LoRA).
+    q_lora_rank: int = 32
+    kv_lora_rank: int = 16
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    # LongCat scale correction: q x sqrt(H/q_lora_rank), normed kv latent x sqrt(H/kv_lora_rank).
+    mla_scale_q_lora: bool = True
+    mla_scale_kv_lora: bool = True
+    # eps of the q/kv latent RMSNorms (HF builds them with its 1e-6 default).
+    mla_norm_epsilon: float = 1e-6
+    # RoPE on the qk_rope_head_dim dims (DeepSeek interleaved pairs): "rope" or "yarn".
+    rope_type: str = "rope"
+    yarn_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+    # Multi-token prediction: 0 (off) or 1 dense MTP layer; loss weight.
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
+    # Budget controller of the FFN-expert bias: target mean FFN experts per token (K_e; None = off),
+    # rate mu, P/I/D gains (I=1, P=D=0 is the paper's rule) and a per-step multiplicative rate decay.
+    budget_target_ffn_experts: Optional[float] = None
+    budget_rate: float = 1e-3
+    budget_kp: float = 0.0
+    budget_ki: float = 1.0
+    budget_kd: float = 0.0
+    budget_rate_decay: float = 1.0
+    # Hidden z-loss on the last decoder hidden state (0 = off).
+    z_loss_coeff: float = 0.0
+    # Device-level load-balance loss: FFN experts in ``device_lb_groups`` groups + 1 zero group.
+    device_lb_loss_coeff: float = 0.0
+    device_lb_groups: int = 1
+    # (The N-gram Embedding section, ``ngram``, is added by its own module.)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
     def validate(self) -> None:
         """Shape checks that need no process group."""
         if self.arch not in ("gpt", "longcat"):
@@ -47,12 +99,48 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
-        if self.num_experts is not None and self.moe_router_topk > self.num_experts:
+        routable = (self.num_experts or 0) + (self.zero_expert_num if self.arch == "longcat" else 0)
+        if self.num_experts is not None and self.moe_router_topk > routable:
             raise ModelConfigError(
                 f"model.moe_router_topk={self.moe_router_topk} > model.num_experts={self.num_experts}"
+                + (f" + model.zero_expert_num={self.zero_expert_num}" if self.arch == "longcat" else "")
             )
         if self.moe_token_dispatcher_type not in ("allgather", "alltoall"):
             raise ModelConfigError(
                 f"model.moe_token_dispatcher_type={self.moe_token_dispatcher_type!r}: "
                 "use allgather or alltoall"
             )
+        if self.arch == "longcat":
+            self._validate_longcat()
+
+    def _validate_longcat(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ModelConfigError(msg)
+
+        need(bool(self.num_experts), "model.num_experts (FFN experts) must be >= 1 for arch: longcat")
+        need(self.zero_expert_num >= 0, f"model.zero_expert_num={self.zero_expert_num} must be >= 0")
+        need(self.normalization == "RMSNorm",
+             f"model.normalization={self.normalization!r}: arch longcat uses RMSNorm")
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            need(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+             f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number")
+        need(self.rope_type in ("rope", "yarn"), f"model.rope_type={self.rope_type!r}: use rope or yarn")
+        if self.rope_type == "yarn":
+            need(self.yarn_factor >= 1.0, f"model.yarn_factor={self.yarn_factor} must be >= 1")
+        need(self.mtp_num_layers in (0, 1), f"model.mtp_num_layers={self.mtp_num_layers}: use 0 or 1")
+        if self.budget_target_ffn_experts is not None:
+            need(0 < self.budget_target_ffn_experts <= self.moe_router_topk,
+                 f"model.budget_target_ffn_experts={self.budget_target_ffn_experts} must lie in "
+                 f"(0, moe_router_topk={self.moe_router_topk}]")
+            need(self.budget_rate > 0, f"model.budget_rate={self.budget_rate} must be > 0")
+            need(0 < self.budget_rate_decay <= 1,
+                 f"model.budget_rate_decay={self.budget_rate_decay} must lie in (0, 1]")
+        if self.device_lb_loss_coeff > 0:
+            need(self.num_experts % self.device_lb_groups == 0,
+                 f"model.device_lb_groups={self.device_lb_groups} must divide "
+                 f"model.num_experts={self.num_experts}")
+            need(self.budget_target_ffn_experts is not None,
+                 "model.device_lb_loss_coeff > 0 needs model.budget_target_ffn_experts (K_e)")
+        need(self.z_loss_coeff >= 0, f"model.z_loss_coeff={self.z_loss_coeff} must be >= 0")

@@ -1,0 +1,118 @@
+"""Build a model chunk from a :class:`ModelConfig` for the training loop.
+
+The loop only sees :func:`build_model_chunk` and the GPTModel-style forward contract:
+``chunk(input_ids, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)`` returns the
+per-token LM loss ``[batch, seq]`` on the last pipeline stage (the hidden states elsewhere). Auxiliary
+losses (MoE aux, z-loss, MTP) enter the backward pass inside the model (megatron-core's auto-scalers).
+Optional hooks a model may define, called by the loop:
+``on_train_step_end(iteration)`` after each optimizer step (e.g. the expert-bias controller) and
+``training_metrics() -> dict[str, float]`` for logging.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from longcat_megatron.model.config import ModelConfig
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    *,
+    tensor: int = 1,
+    pipeline: int = 1,
+    context: int = 1,
+    expert: int = 1,
+    sequence_parallel: bool = False,
+    virtual_pipeline: Optional[int] = None,
+    bf16: bool = False,
+):
+    """megatron-core TransformerConfig for ``cfg`` with CPU-safe kernel choices (no fusions).
+
+    The fused kernels are GPU-only optimisations; on CUDA with TransformerEngine they can be enabled
+    later without changing numerics beyond rounding.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        init_method_std=cfg.init_method_std,
+        attention_dropout=cfg.attention_dropout,
+        hidden_dropout=cfg.hidden_dropout,
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        context_parallel_size=context,
+        expert_model_parallel_size=expert,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        cross_entropy_loss_fusion=False,
+        # gloo: batched p2p with PP=2 + VPP gives wrong gradients (same peer both ways).
+        batch_p2p_comm=virtual_pipeline is None,
+        overlap_p2p_comm=virtual_pipeline is not None,
+    )
+    if cfg.num_experts:
+        kwargs.update(
+            num_moe_experts=cfg.num_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+            moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+        )
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_chunk(cfg: ModelConfig, tf_config, *, pre_process: bool, post_process: bool,
+                    vp_stage: Optional[int] = None):
+    """megatron-core GPTModel with the local (non-TransformerEngine) layer spec."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_experts, normalization=cfg.normalization)
+    return GPTModel(
+        config=tf_config,
+        transformer_layer_spec=spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base),
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_chunk(cfg: ModelConfig, tf_config, *, pre_process: bool, post_process: bool,
+                      vp_stage: Optional[int] = None):
+    """One (virtual) pipeline chunk of the configured architecture."""
+    if cfg.arch == "gpt":
+        return build_gpt_chunk(cfg, tf_config, pre_process=pre_process, post_process=post_process,
+                               vp_stage=vp_stage)
+    if cfg.arch == "longcat":
+        from longcat_megatron.model.longcat import build_longcat_chunk
+
+        return build_longcat_chunk(cfg, tf_config, pre_process=pre_process,
+                                   post_process=post_process, vp_stage=vp_stage)
+    raise ValueError(f"model.arch={cfg.arch!r}: use 'gpt' or 'longcat'")

@@ -1,0 +1,89 @@
+"""Command line: ``python -m longcat_megatron.train --config configs/tiny.yaml [section.field=value ...]``.
+
+Start one process per rank with torchrun (``launch/local.sh``) or srun (``launch/pretrain.sh``).
+Examples::
+
+    torchrun --nproc-per-node 2 -m longcat_megatron.train --config configs/tiny.yaml parallel.tensor=2
+    python -m longcat_megatron.train --config configs/tiny.yaml --dry-run
+
+Every field of the YAML config can be overridden as ``section.field=value`` (values parsed as YAML).
+A run saves to ``checkpoint.save`` and resumes from its latest complete checkpoint automatically
+(``checkpoint.load`` defaults to the save directory). Exit codes: 0 done, 2 bad config/input,
+75 stopped early after saving (signal or time limit: requeue the job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m longcat_megatron.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate config, data paths and parallel sizes, print the plan, do not train")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: plan for this many processes (default: launcher's WORLD_SIZE or 1)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="config overrides, e.g. parallel.tensor=2 train.train_iters=50")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from longcat_megatron.config import load_config
+    from longcat_megatron.errors import UserInputError
+
+    bad_input = (UserInputError,)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except bad_input as e:
+        return _fail(str(e))
+
+    from longcat_megatron import runtime
+
+    if args.dry_run:
+        from longcat_megatron.planning import print_plan
+
+        world = args.world_size or runtime.launcher_env()[1]
+        try:
+            print_plan(cfg, world)
+        except bad_input as e:
+            return _fail(str(e))
+        return 0
+
+    from longcat_megatron.training.loop import train
+
+    p = cfg.parallel
+    try:
+        layout = runtime.initialize(
+            tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
+            virtual_pipeline=p.virtual_pipeline, num_experts=cfg.model.num_experts,
+            seed=cfg.train.seed, backend=p.backend,
+        )
+    except bad_input as e:
+        return _fail(str(e))
+    try:
+        result = train(cfg, layout)
+    except bad_input as e:
+        return _fail(str(e))
+    finally:
+        runtime.shutdown()
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Distributed checkpoints (megatron-core ``dist_checkpointing``, torch_dist format) with a commit rule.
+
+Layout (Megatron-LM's)::
+
+    SAVE_DIR/latest_checkpointed_iteration.txt   # written last, atomically: the commit point
+    SAVE_DIR/iter_0000100/                       # torch_dist shards + common state
+    SAVE_DIR/iter_0000100/run_config.yaml        # the resolved config of the run that saved it
+
+A checkpoint counts only once the tracker names it. A directory newer than the tracker (a crash while
+saving) is ignored on load and reported. A checkpoint holds the model, the optimizer (in megatron's
+``fully_reshardable`` format by default, so TP/PP/EP/DP may change on resume), the LR scheduler, the
+iteration, consumed samples, the data fingerprint and every rank's RNG state: resuming is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from longcat_megatron.errors import UserInputError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONFIG_NAME = "run_config.yaml"
+FORMAT_VERSION = 1
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint cannot be used; the message names the directory and the way out."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """Iteration named by the tracker file, or None when there is no committed checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(
+            f"{path} holds {text!r}, not an iteration number; fix or delete it to start over"
+        )
+    return int(text)
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    path = os.path.join(root, TRACKER)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_iterations(root: str) -> list[int]:
+    """All ``iter_*`` directories present (committed or not)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(root)) if m)
+
+
+def uncommitted_iterations(root: str) -> list[int]:
+    """``iter_*`` directories newer than the tracker: leftovers of a save that did not finish."""
+    latest = read_tracker(root)
+    return [i for i in list_iterations(root) if latest is None or i > latest]
+
+
+# ------------------------------------------------------------------------- optimizer (torch Adam)
+def _optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """torch Adam has no state before its first step, but megatron's load template needs it."""
+    for sub in _optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _unshare_step(optimizer) -> None:
+    """megatron's load puts one shared ``step`` tensor in every param's state; torch Adam increments
+    it in place per param, so each param needs its own copy."""
+    for sub in _optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].clone()
+
+
+def _flatten_chained(loaded: dict, optimizer) -> dict:
+    """A checkpoint saved with a chained (dense + expert) optimizer loaded into a single one (EP>1
+    -> EP=1): merge its nested ``{0: ..., 1: ...}`` common part."""
+    if 0 in loaded and len(_optimizers(optimizer)) == 1:
+        merged = dict(loaded[0])
+        for k in [k for k in loaded if isinstance(k, int)]:
+            del loaded[k]
+        loaded.update(merged)
+    return loaded
+
+
+def _optimizer_metadata(fully_reshardable: bool) -> dict:
+    if fully_reshardable:
+        return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+    return {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+# -------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer tensors that a resume must restore."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    data_fingerprint: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_sharded_state(model_chunks: list) -> dict:
+    """Sharded state of the unwrapped chunks (keys as the model names them, no DDP prefix)."""
+    if len(model_chunks) == 1:
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def _rng_sharded_object(rank: int, world: int):
+    """This rank's python/numpy/torch/model-parallel RNG states as one ShardedObject per rank."""
+    import random
+
+    import numpy as np
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _fault(point: str, iteration: int) -> None:
+    """Test hook: ``LONGCAT_FAULT_INJECT=kill_during_save:ITER`` SIGKILLs this process after the
+    shards of ITER are written and before the tracker is committed (simulates a crash mid-save)."""
+    spec = os.environ.get("LONGCAT_FAULT_INJECT", "")
+    if spec == f"{point}:{iteration}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    root: str,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    train_state: TrainState,
+    *,
+    config_yaml_writer: Optional[Callable[[str], None]] = None,
+    fully_reshardable: bool = True,
+    async_save: bool = False,
+    async_queue=None,
+) -> str:
+    """Save a checkpoint of ``train_state.iteration`` under ``root`` and commit it.
+
+    With ``async_save`` the shards are written in the background (megatron-core's async writer) and
+    the tracker is committed by :func:`finalize_async_saves` once every rank's shards are durable.
+    """
+    from megatron.core import dist_checkpointing
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = iteration_dir(root, train_state.iteration)
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(path):  # a leftover from a crash at this iteration: replace it
+            shutil.rmtree(path)
+        os.makedirs(path)
+    dist.barrier()
+    state: dict[str, Any] = _model_sharded_state(model_chunks)
+    model_sd = state.get("model", state.get("model0"))
+    if optimizer is not None:
+        _ensure_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd if len(model_chunks) == 1 else _merged(state),
+            metadata=_optimizer_metadata(fully_reshardable),
+        )
+    state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["iteration"] = train_state.iteration
+    state["consumed_train_samples"] = train_state.consumed_train_samples
+    state["data_fingerprint"] = train_state.data_fingerprint
+    state["extra"] = train_state.extra
+    state["checkpoint_version"] = FORMAT_VERSION
+    state["optimizer_format"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
+    state["world_size"] = world
+    state["rng_state"] = _rng_sharded_object(rank, world)
+
+    def commit():
+        _fault("kill_during_save", train_state.iteration)
+        if rank == 0:
+            if config_yaml_writer is not None:
+                config_yaml_writer(os.path.join(path, CONFIG_NAME))
+            _write_tracker(root, train_state.iteration)
+
+    if async_save:
+        request = dist_checkpointing.save(state, path, async_sharded_save=True)
+        request.add_finalize_fn(commit)
+        async_queue.schedule_async_request(request)
+    else:
+        dist_checkpointing.save(state, path)
+        dist.barrier()
+        commit()
+        dist.barrier()
+    return path
+
+
+def _merged(state: dict) -> dict:
+    merged: dict = {}
+    for key in sorted(k for k in state if k.startswith("model")):
+        merged.update(state[key])
+    return merged
+
+
+def finalize_async_saves(async_queue, blocking: bool = False) -> None:
+    """Commit finished background saves (all ranks must call it at the same points)."""
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=blocking, no_dist=False)
+
+
+# --------------------------------------------------------------------------------------------- load
+@dataclass
+class LoadResult:
+    iteration: int
+    path: str
+    ignored: list[int]
+    rng_restored: bool
+    optimizer_restored: bool
+
+
+def find_checkpoint(root: str) -> tuple[Optional[int], list[int]]:
+    """(committed iteration or None, ignored uncommitted iterations) of ``root``."""
+    if not root or not os.path.isdir(root):
+        return None, []
+    latest = read_tracker(root)
+    ignored = uncommitted_iterations(root)
+    if latest is not None and not os.path.isfile(os.path.join(iteration_dir(root, latest), "metadata.json")):
+        raise CheckpointError(
+            f"{root}/{TRACKER} names iteration {latest} but {iteration_dir(root, latest)} is missing "
+            "or incomplete; restore it or point the tracker at an earlier complete iteration"
+        )
+    return latest, ignored
+
+
+def load_checkpoint(
+    root: str,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    *,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+    fully_reshardable: bool = True,
+    iteration: Optional[int] = None,
+) -> tuple[Optional[LoadResult], TrainState]:
+    """Load the latest committed checkpoint of ``root`` into model/optimizer/scheduler.
+
+    Returns (None, fresh TrainState) when ``root`` holds no committed checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    latest, ignored = find_checkpoint(root)
+    if iteration is not None:
+        if not os.path.isfile(os.path.join(iteration_dir(root, iteration), "metadata.json")):
+            raise CheckpointError(
+                f"iteration {iteration} is not in {root} (available: {list_iterations(root)})"
+            )
+        latest = iteration
+    if latest is None:
+        return None, TrainState()
+    path = iteration_dir(root, latest)
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_world = common.get("world_size")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    state: dict[str, Any] = _model_sharded_state(model_chunks)
+    saved_format = common.get("optimizer_format", "fully_reshardable")
+    restore_optimizer = load_optimizer and optimizer is not None and "optimizer" in common
+    if restore_optimizer:
+        _ensure_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"] if len(model_chunks) == 1 else _merged(state),
+            is_loading=True,
+            metadata=_optimizer_metadata(saved_format == "fully_reshardable"),
+        )
+    restore_rng = load_rng and saved_world == world
+    if restore_rng:
+        state["rng_state"] = _rng_sharded_object(rank, world)
+    loaded = dist_checkpointing.load(state, path)
+
+    if len(model_chunks) == 1:
+        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    if restore_optimizer:
+        optimizer.load_state_dict(_flatten_chained(loaded["optimizer"], optimizer))
+        _unshare_step(optimizer)
+        if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if restore_rng:
+        _restore_rng(loaded["rng_state"])
+    train_state = TrainState(
+        iteration=int(loaded["iteration"]),
+        consumed_train_samples=int(loaded["consumed_train_samples"]),
+        data_fingerprint=dict(loaded.get("data_fingerprint") or {}),
+        extra=dict(loaded.get("extra") or {}),
+    )
+    return LoadResult(latest, path, ignored, restore_rng, restore_optimizer), train_state

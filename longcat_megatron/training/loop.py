@@ -1,0 +1,306 @@
+"""The training loop: data -> megatron-core forward/backward schedule -> optimizer -> checkpoint.
+
+Runs on every rank (started by torchrun or srun). The model is whatever
+:func:`longcat_megatron.model.factory.build_model_chunk` builds; the loop never looks inside it beyond
+the optional hooks ``on_train_step_end`` and ``training_metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from longcat_megatron import runtime
+from longcat_megatron.config import RunConfig, save_config
+from longcat_megatron.training import checkpointing as ckpt
+from longcat_megatron.training.progress import ProgressLogger
+from longcat_megatron.training.setup import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    count_parameters,
+    model_hook,
+)
+from longcat_megatron.training.signals import EXIT_REQUEUE, StopRequest
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports back."""
+
+    iteration: int
+    losses: dict = field(default_factory=dict)  # iteration -> global loss
+    grad_norms: dict = field(default_factory=dict)
+    exit_code: int = 0
+    stop_reason: Optional[str] = None
+    resumed_from: Optional[int] = None
+    checkpoint: Optional[str] = None
+    ignored_checkpoints: list = field(default_factory=list)
+    # The trained model chunks (DDP-wrapped), for callers in the same process (tests, tools).
+    model_chunks: list = field(default_factory=list, repr=False)
+
+
+def _batch_to_device(batch: dict) -> dict:
+    dev = runtime.device()
+    return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch: returns the per-token loss and the reduction function (megatron contract)."""
+    batch = _batch_to_device(next(data_iterator))
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), num_tokens.detach().float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def _global_loss(reports: list) -> float:
+    """Token-weighted loss of the global batch, identical on every rank."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for r in reports:
+        total += r["lm loss"].double().cpu()
+    if dist.is_initialized():
+        total = total.to(runtime.device())
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        total = total.cpu()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _metrics(model_chunks: list) -> dict:
+    merged: dict = {}
+    for fn in model_hook(model_chunks, "training_metrics"):
+        merged.update(fn() or {})
+    return merged
+
+
+def _build_iterators(cfg: RunConfig, layout: runtime.Layout, consumed: int):
+    from megatron.core import parallel_state as ps
+
+    from longcat_megatron.data import pretrain
+
+    t = cfg.train
+    train_samples = t.train_iters * t.global_batch_size
+    eval_samples = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size \
+        if t.eval_interval else 0
+    builder = getattr(pretrain, "build_pretrain_iterators")
+    if getattr(cfg.data, "sft", False):
+        from longcat_megatron.data import sft
+
+        builder = sft.build_sft_iterators
+    n_chunks = layout.virtual_pipeline or 1
+    iters = []
+    valid_factory = None
+    for _ in range(n_chunks):
+        train_iter, valid_factory = builder(
+            cfg.data,
+            seed=t.seed,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            train_samples=train_samples,
+            eval_samples=eval_samples,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            consumed_train_samples=consumed,
+        )
+        iters.append(train_iter)
+    return iters, valid_factory
+
+
+def startup_block(cfg: RunConfig, layout: runtime.Layout, params_on_rank: int, load_dir, save_dir) -> str:
+    """The one block an operator reads first: layout, size, tokens per step, where things go."""
+    t, d = cfg.train, cfg.data
+    num_micro = t.global_batch_size // (t.micro_batch_size * layout.data)
+    lines = [
+        "=" * 78,
+        f" longcat-megatron | model.arch={cfg.model.arch} | {layout.describe()}",
+        f" parameters on rank 0: {params_on_rank / 1e6:.2f}M | sequence parallel: "
+        f"{cfg.parallel.sequence_parallel} | distributed optimizer: {cfg.parallel.distributed_optimizer}",
+        f" global batch {t.global_batch_size} x seq {d.seq_length} = "
+        f"{t.global_batch_size * d.seq_length:,} tokens/step | micro-batch {t.micro_batch_size} x "
+        f"{num_micro} micro-batches per DP rank | {t.train_iters} iterations",
+        f" data: {'synthetic (data.mock)' if d.mock else d.paths}",
+        f" checkpoints: save={save_dir or '-'} load={load_dir or '-'} "
+        f"every {cfg.checkpoint.save_interval or 'end only'} | tensorboard: {cfg.logging.tensorboard_dir or '-'}",
+        "=" * 78,
+    ]
+    return "\n".join(lines)
+
+
+def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResult:
+    """Train according to ``cfg``; resumes from the latest committed checkpoint when there is one."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    p, t = cfg.parallel, cfg.train
+    if layout is None:
+        layout = runtime.initialize(
+            tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
+            virtual_pipeline=p.virtual_pipeline, num_experts=cfg.model.num_experts,
+            seed=t.seed, backend=p.backend,
+        )
+    if t.global_batch_size % (t.micro_batch_size * layout.data):
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
+            f"({t.micro_batch_size}) x data-parallel size ({layout.data})"
+        )
+    num_micro = t.global_batch_size // (t.micro_batch_size * layout.data)
+    rank = dist.get_rank()
+    last_rank = dist.get_world_size() - 1
+
+    model = build_model(cfg, layout)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    tf_config = model[0].config if hasattr(model[0], "config") else None
+    tf_config.finalize_model_grads_func = finalize_model_grads
+    tf_config.grad_scale_func = optimizer.scale_loss
+    if len(model) == 1:
+        tf_config.no_sync_func = model[0].no_sync
+    else:
+        tf_config.no_sync_func = [m.no_sync for m in model]
+
+    c = cfg.checkpoint
+    save_dir = c.save
+    load_dir = c.load or c.save  # resubmitting the same job resumes it
+    log = ProgressLogger(rank == last_rank, t.train_iters, t.global_batch_size * cfg.data.seq_length,
+                         cfg.logging.tensorboard_dir, cfg.logging.log_interval)
+    boot = ProgressLogger(rank == 0, t.train_iters, 0)
+    boot.print(startup_block(cfg, layout, count_parameters(model), load_dir, save_dir))
+
+    from longcat_megatron.data import pretrain
+
+    train_samples = t.train_iters * t.global_batch_size
+    fingerprint = pretrain.dataset_fingerprint(cfg.data, seed=t.seed, train_samples=train_samples)
+    state = ckpt.TrainState()
+    result = TrainResult(iteration=0)
+    if load_dir:
+        loaded, state = ckpt.load_checkpoint(
+            load_dir, model, optimizer if not c.finetune else None,
+            scheduler if not c.finetune else None,
+            load_optimizer=not c.no_load_optim and not c.finetune,
+            load_rng=not c.no_load_rng and not c.finetune,
+        )
+        if loaded is not None:
+            result.ignored_checkpoints = list(loaded.ignored)
+            for it in loaded.ignored:
+                boot.print(f"[checkpoint] ignoring incomplete checkpoint {ckpt.iteration_dir(load_dir, it)} "
+                           "(its save never committed: crash or kill during save)")
+            if c.finetune:
+                boot.print(f"[checkpoint] fine-tuning from weights of {loaded.path}; iteration, "
+                           "optimizer and schedule start fresh")
+                state = ckpt.TrainState()
+            else:
+                if state.data_fingerprint:
+                    pretrain.check_fingerprint(state.data_fingerprint, fingerprint, c.allow_data_change)
+                boot.print(f"[checkpoint] resumed from {loaded.path} at iteration {state.iteration} "
+                           f"({state.consumed_train_samples} samples consumed"
+                           f"{'' if loaded.rng_restored else '; RNG not restored: world size changed'})")
+                result.resumed_from = state.iteration
+        else:
+            boot.print(f"[checkpoint] no committed checkpoint in {load_dir}: starting from scratch")
+    state.data_fingerprint = fingerprint
+
+    iterators, _valid = _build_iterators(cfg, layout, state.consumed_train_samples)
+    data_iterator = iterators[0] if len(iterators) == 1 else iterators
+    forward_backward = get_forward_backward_func()
+    stop = StopRequest(t.exit_signal_handler, t.exit_duration_mins)
+    async_queue = None
+    if c.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
+
+    def write_config(path: str) -> None:
+        save_config(cfg, path)
+
+    def save() -> str:
+        path = ckpt.save_checkpoint(
+            save_dir, model, optimizer, scheduler, state, config_yaml_writer=write_config,
+            fully_reshardable=c.fully_reshardable, async_save=c.async_save, async_queue=async_queue,
+        )
+        boot.print(f"[checkpoint] {'scheduled' if c.async_save else 'saved'} iteration "
+                   f"{state.iteration} -> {path}")
+        return path
+
+    end_iter = t.train_iters if not t.exit_interval else min(t.train_iters, t.exit_interval)
+    log.start(state.iteration)
+    last_saved = state.iteration if result.resumed_from is not None else None
+    for m in model:
+        m.train()
+    while state.iteration < end_iter:
+        for m in model:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data_iterator,
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=num_micro,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=1)
+        for hook in model_hook(model, "on_train_step_end"):
+            hook(state.iteration + 1)
+        state.iteration += 1
+        state.consumed_train_samples += t.global_batch_size
+        loss = _global_loss(reports)
+        result.losses[state.iteration] = loss
+        result.grad_norms[state.iteration] = float(grad_norm) if grad_norm is not None else float("nan")
+        lr = optimizer.param_groups[0]["lr"]
+        log.step(state.iteration, {"loss": loss, "lr": lr, "grad_norm": result.grad_norms[state.iteration]},
+                 _metrics(model))
+        if async_queue is not None:
+            ckpt.finalize_async_saves(async_queue)
+        reason = stop.agreed()
+        if save_dir and c.save_interval and state.iteration % c.save_interval == 0:
+            result.checkpoint = save()
+            last_saved = state.iteration
+        if reason:
+            boot.print(f"[stop] {reason} received: saving and exiting for requeue")
+            if save_dir and last_saved != state.iteration:
+                result.checkpoint = save()
+                last_saved = state.iteration
+            result.exit_code = EXIT_REQUEUE
+            result.stop_reason = reason
+            break
+    if save_dir and last_saved != state.iteration:
+        result.checkpoint = save()
+    if async_queue is not None:
+        ckpt.finalize_async_saves(async_queue, blocking=True)
+        async_queue.close()
+    stop.restore()
+    log.close()
+    result.iteration = state.iteration
+    result.model_chunks = model
+    if log.history:
+        first, last = log.history[0], log.history[-1]
+        log.print(f"[done] iteration {state.iteration}: loss {first[1]:.4f} (iter {first[0]}) -> "
+                  f"{last[1]:.4f} (iter {last[0]})"
+                  + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
+    return result
