@@ -1,0 +1,87 @@
+"""Config loading: typed fields, overrides, and bad input giving one clear paragraph, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from longcat_megatron.config import ConfigError, load_config, save_config
+from longcat_megatron.errors import UserInputError
+from tests.train_utils import ROOT, TINY
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg = load_config(TINY, ["parallel.tensor=2", "optimizer.lr=5e-4", "data.paths=[0.3, a, 0.7, b]",
+                             "data.mock=true"])
+    assert cfg.parallel.tensor == 2 and cfg.optimizer.lr == 5e-4
+    assert cfg.data.prefixes() == ["a", "b"] and cfg.data.weights() == [0.3, 0.7]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TINY, ["train.train_iters=7"])
+    path = tmp_path / "run_config.yaml"
+    save_config(cfg, str(path))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.hiden_size=8"], r"unknown field 'model.hiden_size'.*Allowed fields of model: .*hidden_size"),
+    (["train.train_iters=many"], r"train.train_iters: expected an integer, got 'many'"),
+    (["parallel.sequence_parallel=3"], r"parallel.sequence_parallel: expected true/false"),
+    (["parallel.tensor=3"], r"parallel.tensor=3 does not divide model.num_attention_heads=4"),
+    (["data.mock=false", "data.paths=[/nonexistent/corpus]"], r"'/nonexistent/corpus.bin' does not exist"),
+    (["data.mock=false"], r"data.paths is empty"),
+    (["schedule.style=cosin"], r"schedule.style='cosin': use cosine, linear, constant or wsd"),
+    (["train.global_batch_size=7"], r"not a multiple of train.micro_batch_size=2"),
+    (["parallel.tensor"], r"not of the form section.field=value"),
+])
+def test_bad_values_name_the_field(overrides, match):
+    with pytest.raises(UserInputError, match=match):
+        load_config(TINY, overrides)
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "longcat_megatron.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.bogus=1"], "unknown field 'model.bogus'"),
+    (["parallel.tensor=3"], "does not divide model.num_attention_heads"),
+    (["data.mock=false", "data.paths=[/no/such/prefix]"], "/no/such/prefix.bin' does not exist"),
+])
+def test_cli_bad_config_exits_with_one_paragraph(args, needle):
+    proc = _cli("--config", TINY, *args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_dry_run_plans_and_rejects_bad_world():
+    ok = _cli("--config", TINY, "--dry-run", "--world-size", "4", "parallel.tensor=2")
+    assert ok.returncode == 0, ok.stderr
+    assert "TP2 x CP1 x PP1 x DP2" in ok.stdout and "memory per rank" in ok.stdout
+    bad = _cli("--config", TINY, "--dry-run", "--world-size", "3", "parallel.tensor=2")
+    assert bad.returncode == 2 and "world size 3 is not divisible" in bad.stderr
+
+
+def test_example_configs_are_valid():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if name.endswith(".yaml"):
+            with open(os.path.join(ROOT, "configs", name)) as f:
+                tree = yaml.safe_load(f)
+            overrides = [] if (tree.get("data") or {}).get("paths") else ["data.mock=true"]
+            load_config(os.path.join(ROOT, "configs", name), overrides)
