@@ -79,6 +79,28 @@ def resolve_layout(
     return Layout(world, tensor, pipeline, context, expert, data, virtual_pipeline)
 
 
+# Warnings megatron-core prints on every start without TransformerEngine/Apex; they say nothing an
+# operator can act on, and hide the progress lines. Silenced by the CLIs only.
+_KNOWN_NOISE = (
+    r"Transformer Engine and Apex are not installed.*",
+    r"Apex is not installed.*",
+    r"full scope is deprecated.*",
+    r"When using async grad allreduce it is recommended.*",
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor.*",
+    r"Please use DTensor instead.*",
+    r"`load_state_dict` is deprecated.*",
+    r"`torch\.distributed\.\w+` is deprecated.*",
+)
+
+
+def silence_known_warnings() -> None:
+    """Hide megatron-core's start-up warnings that are expected on CPU / without TE."""
+    import warnings
+
+    for pattern in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def _env_int(*names: str, default: Optional[int] = None) -> Optional[int]:
     for n in names:
         if os.environ.get(n) not in (None, ""):

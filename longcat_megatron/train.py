@@ -55,6 +55,7 @@ def main(argv=None) -> int:
 
     from longcat_megatron import runtime
 
+    runtime.silence_known_warnings()
     if args.dry_run:
         from longcat_megatron.planning import print_plan
 

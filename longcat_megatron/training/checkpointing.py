@@ -206,6 +206,7 @@ def save_checkpoint(
     fully_reshardable: bool = True,
     async_save: bool = False,
     async_queue=None,
+    keep_last: int = 0,
 ) -> str:
     """Save a checkpoint of ``train_state.iteration`` under ``root`` and commit it.
 
@@ -246,6 +247,8 @@ def save_checkpoint(
             if config_yaml_writer is not None:
                 config_yaml_writer(os.path.join(path, CONFIG_NAME))
             _write_tracker(root, train_state.iteration)
+            if keep_last > 0:
+                prune_checkpoints(root, keep_last)
 
     if async_save:
         request = dist_checkpointing.save(state, path, async_sharded_save=True)
@@ -257,6 +260,16 @@ def save_checkpoint(
         commit()
         dist.barrier()
     return path
+
+
+def prune_checkpoints(root: str, keep_last: int) -> list[int]:
+    """Delete committed checkpoints older than the newest ``keep_last`` ones; returns the deleted."""
+    latest = read_tracker(root)
+    committed = [i for i in list_iterations(root) if latest is not None and i <= latest]
+    doomed = committed[:-keep_last] if keep_last > 0 else []
+    for it in doomed:
+        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+    return doomed
 
 
 def _merged(state: dict) -> dict:

@@ -36,6 +36,7 @@ class TrainResult:
     iteration: int
     losses: dict = field(default_factory=dict)  # iteration -> global loss
     grad_norms: dict = field(default_factory=dict)
+    valid_losses: dict = field(default_factory=dict)
     exit_code: int = 0
     stop_reason: Optional[str] = None
     resumed_from: Optional[int] = None
@@ -88,6 +89,34 @@ def _global_loss(reports: list) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
+def evaluate(model: list, valid_factory, cfg: RunConfig, num_micro: int) -> Optional[float]:
+    """Token-weighted loss over ``train.eval_iters`` global batches of the validation split."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if valid_factory is None:
+        return None
+    t = cfg.train
+    n_chunks = len(model)
+    iterators = [valid_factory() for _ in range(n_chunks)]
+    reports = []
+    for m in model:
+        m.eval()
+    with torch.no_grad():
+        for _ in range(t.eval_iters):
+            reports += get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators[0] if n_chunks == 1 else iterators,
+                model=model if n_chunks > 1 else model[0],
+                num_microbatches=num_micro,
+                seq_length=cfg.data.seq_length,
+                micro_batch_size=t.micro_batch_size,
+                forward_only=True,
+            )
+    for m in model:
+        m.train()
+    return _global_loss(reports)
+
+
 def _metrics(model_chunks: list) -> dict:
     merged: dict = {}
     for fn in model_hook(model_chunks, "training_metrics"):
@@ -102,8 +131,8 @@ def _build_iterators(cfg: RunConfig, layout: runtime.Layout, consumed: int):
 
     t = cfg.train
     train_samples = t.train_iters * t.global_batch_size
-    eval_samples = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size \
-        if t.eval_interval else 0
+    # The same validation samples at every evaluation, so the curve compares like with like.
+    eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     builder = getattr(pretrain, "build_pretrain_iterators")
     if getattr(cfg.data, "sft", False):
         from longcat_megatron.data import sft
@@ -222,7 +251,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             boot.print(f"[checkpoint] no committed checkpoint in {load_dir}: starting from scratch")
     state.data_fingerprint = fingerprint
 
-    iterators, _valid = _build_iterators(cfg, layout, state.consumed_train_samples)
+    iterators, valid_factory = _build_iterators(cfg, layout, state.consumed_train_samples)
     data_iterator = iterators[0] if len(iterators) == 1 else iterators
     forward_backward = get_forward_backward_func()
     stop = StopRequest(t.exit_signal_handler, t.exit_duration_mins)
@@ -239,6 +268,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         path = ckpt.save_checkpoint(
             save_dir, model, optimizer, scheduler, state, config_yaml_writer=write_config,
             fully_reshardable=c.fully_reshardable, async_save=c.async_save, async_queue=async_queue,
+            keep_last=c.keep_last,
         )
         boot.print(f"[checkpoint] {'scheduled' if c.async_save else 'saved'} iteration "
                    f"{state.iteration} -> {path}")
@@ -275,12 +305,20 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         lr = optimizer.param_groups[0]["lr"]
         log.step(state.iteration, {"loss": loss, "lr": lr, "grad_norm": result.grad_norms[state.iteration]},
                  _metrics(model))
+        if t.eval_interval and state.iteration % t.eval_interval == 0:
+            val = evaluate(model, valid_factory, cfg, num_micro)
+            if val is not None:
+                result.valid_losses[state.iteration] = val
+                log.print(f"[eval] iteration {state.iteration}: validation loss {val:.4f} "
+                          f"({t.eval_iters} batches)")
+                log.scalar("valid/loss", val, state.iteration)
         if async_queue is not None:
             ckpt.finalize_async_saves(async_queue)
         reason = stop.agreed()
         if save_dir and c.save_interval and state.iteration % c.save_interval == 0:
             result.checkpoint = save()
             last_saved = state.iteration
+            log.start(state.iteration)  # keep save time out of the next step's throughput
         if reason:
             boot.print(f"[stop] {reason} received: saving and exiting for requeue")
             if save_dir and last_saved != state.iteration:

@@ -72,6 +72,10 @@ class ProgressLogger:
                 parts.append(f"{k[len('progress/'):]} {v:.3g}")
         self.print(" | ".join(parts))
 
+    def scalar(self, name: str, value: float, iteration: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_scalar(name, value, iteration)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
