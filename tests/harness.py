@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -36,7 +37,9 @@ def _worker(rank: int, world: int, port: int, env: dict, fn: Callable, args: tup
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
-        result = fn(*args)
+        # Plain pickle (tensors inline), not torch's shared-memory reductions: the child may exit
+        # before the parent reads the queue.
+        result = pickle.dumps(fn(*args))
         out.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - report everything, incl. CheckpointException
         out.put((rank, "error", traceback.format_exc()))
@@ -91,7 +94,7 @@ def run_distributed(
             if status == "error":
                 error = f"rank {rank} of {world_size} failed:\n{payload}"
                 break
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             if error is not None and p.is_alive():

@@ -6,8 +6,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from longcat_megatron.errors import UserInputError
 
-class DataConfigError(ValueError):
+
+# Longest sequence for which a dense per-sample document mask is built (8k: 64 MiB of bools).
+MAX_DENSE_MASK_SEQ_LENGTH = 8192
+
+
+class DataConfigError(UserInputError):
     """Invalid data settings; the message names the field and the fix."""
 
 
@@ -30,14 +36,19 @@ class DataConfig:
     eod_mask_loss: bool = False
     # Synthetic random tokens instead of files (tests and dry runs only).
     mock: bool = False
+    # Token ids of mock data are drawn below this (keep <= the model's vocab_size).
+    mock_vocab_size: int = 256
+    # Indexed-dataset prefixes of packed SFT data (``python -m data_tools.sft``), same syntax as
+    # ``paths``; used by ``build_sft_iterators``.
+    sft_paths: list = field(default_factory=list)
 
-    def prefixes(self) -> list[str]:
-        """The dataset prefixes in ``paths`` (weights dropped)."""
-        return [p for p in self.paths if isinstance(p, str)]
+    def prefixes(self, field_name: str = "paths") -> list[str]:
+        """The dataset prefixes in ``paths`` (or ``sft_paths``), weights dropped."""
+        return [p for p in getattr(self, field_name) if isinstance(p, str)]
 
-    def weights(self) -> Optional[list[float]]:
-        """Blend weights, or None when ``paths`` has no weights."""
-        nums = [p for p in self.paths if not isinstance(p, str)]
+    def weights(self, field_name: str = "paths") -> Optional[list[float]]:
+        """Blend weights, or None when ``paths`` (or ``sft_paths``) has no weights."""
+        nums = [p for p in getattr(self, field_name) if not isinstance(p, str)]
         if not nums:
             return None
         return [float(w) for w in nums]
@@ -45,25 +56,34 @@ class DataConfig:
     def validate(self) -> None:
         if self.seq_length < 2:
             raise DataConfigError(f"data.seq_length={self.seq_length} must be >= 2")
+        if self.reset_attention_mask and self.seq_length > MAX_DENSE_MASK_SEQ_LENGTH:
+            raise DataConfigError(
+                f"data.reset_attention_mask=true with data.seq_length={self.seq_length} would build a "
+                f"dense [seq, seq] mask per sample; it is limited to seq_length <= "
+                f"{MAX_DENSE_MASK_SEQ_LENGTH}. Turn it off for long sequences (position ids still "
+                "reset per document with data.reset_position_ids=true)."
+            )
         if self.mock:
             return
-        if not self.paths:
+        if not self.paths and not self.sft_paths:
             raise DataConfigError(
                 "data.paths is empty: give indexed-dataset prefixes (made by "
                 "`python -m data_tools.preprocess`), or set data.mock=true for synthetic tokens"
             )
-        weights = self.weights()
-        if weights is not None and len(weights) != len(self.prefixes()):
-            raise DataConfigError(
-                "data.paths mixes weights and prefixes unevenly: use [w1, prefix1, w2, prefix2, ...]"
-            )
-        for prefix in self.prefixes():
-            for ext in (".bin", ".idx"):
-                if not os.path.isfile(prefix + ext):
-                    raise DataConfigError(
-                        f"data.paths: '{prefix}{ext}' does not exist. Run "
-                        "`python -m data_tools.preprocess` to create it, or fix the prefix."
-                    )
+        blends = (("paths", "data_tools.preprocess", ("",)), ("sft_paths", "data_tools.sft", ("", "_loss_mask")))
+        for field_name, tool, suffixes in blends:
+            weights = self.weights(field_name)
+            if weights is not None and len(weights) != len(self.prefixes(field_name)):
+                raise DataConfigError(
+                    f"data.{field_name} mixes weights and prefixes unevenly: use [w1, prefix1, w2, prefix2, ...]"
+                )
+            for prefix in self.prefixes(field_name):
+                for ext in [suffix + e for suffix in suffixes for e in (".bin", ".idx")]:
+                    if not os.path.isfile(prefix + ext):
+                        raise DataConfigError(
+                            f"data.{field_name}: '{prefix}{ext}' does not exist. Run "
+                            f"`python -m {tool}` to create it, or fix the prefix."
+                        )
         parts = self.split.split(",")
         try:
             nums = [float(x) for x in parts]

@@ -1,0 +1,120 @@
+"""Multi-head latent attention (MLA) with LongCat's scale correction, on megatron-core TP layers.
+
+Tensors are ``[s, b, ...]`` (megatron layout). Under sequence parallelism the block input and output
+are sequence shards ``[s/tp, b, H]``; the down projections gather the sequence and their (small)
+latents are kept whole and identical on every TP rank, the up projections and the attention run on
+this rank's heads, and the output projection reduce-scatters back to the sequence shard.
+
+    q      = q_up(RMSNorm(q_down(x)))            per head [nope | rope]
+    c, kr  = split(kv_down(x))                   latent, shared rope key
+    k_nope, v = split(kv_up(RMSNorm(c) * a_kv))   per head
+    q     *= a_q  (both parts);  kr not scaled;  RoPE (interleaved pairs) on q_rope and kr
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+
+from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.norm import RMSNorm
+from longcat_megatron.model.parallel_info import tp_size
+from longcat_megatron.model.rotary import InterleavedRotary, softmax_scale
+
+
+def full_sequence_column(tf_config, in_size: int, out_size: int) -> ColumnParallelLinear:
+    """Column-parallel linear whose input is already the full sequence (not a sequence shard):
+    its input gradient is all-reduced over TP instead of reduce-scattered."""
+    layer = ColumnParallelLinear(
+        in_size, out_size, config=tf_config, init_method=tf_config.init_method,
+        bias=False, gather_output=False, skip_bias_add=False,
+    )
+    layer.sequence_parallel = False
+    layer.allreduce_dgrad = tp_size() > 1
+    return layer
+
+
+class LongcatMLA(MegatronModule):
+    """Self-attention block: ``forward(x [s(/tp), b, H], rotary (cos, sin), attention_mask)``."""
+
+    def __init__(self, cfg: ModelConfig, tf_config):
+        super().__init__(config=tf_config)
+        tp = tp_size()
+        if cfg.num_attention_heads % tp:
+            raise ValueError(f"model.num_attention_heads={cfg.num_attention_heads} is not divisible "
+                             f"by the tensor-parallel size {tp}")
+        if cfg.q_lora_rank % tp:
+            raise ValueError(f"model.q_lora_rank={cfg.q_lora_rank} is not divisible by TP={tp}")
+        if (cfg.kv_lora_rank + cfg.qk_rope_head_dim) % tp:
+            raise ValueError(f"model.kv_lora_rank + model.qk_rope_head_dim = "
+                             f"{cfg.kv_lora_rank + cfg.qk_rope_head_dim} is not divisible by TP={tp}")
+        self.cfg = cfg
+        self.heads_local = cfg.num_attention_heads // tp
+        h = cfg.hidden_size
+        # Down projections: sequence-parallel input, full (gathered) latent output.
+        self.linear_q_down_proj = ColumnParallelLinear(
+            h, cfg.q_lora_rank, config=tf_config, init_method=tf_config.init_method,
+            bias=False, gather_output=True)
+        self.q_layernorm = RMSNorm(cfg.q_lora_rank, cfg.mla_norm_epsilon, dtype=tf_config.params_dtype)
+        self.linear_q_up_proj = full_sequence_column(
+            tf_config, cfg.q_lora_rank, cfg.num_attention_heads * cfg.qk_head_dim)
+        self.linear_kv_down_proj = ColumnParallelLinear(
+            h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, config=tf_config,
+            init_method=tf_config.init_method, bias=False, gather_output=True)
+        self.kv_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.mla_norm_epsilon, dtype=tf_config.params_dtype)
+        self.linear_kv_up_proj = full_sequence_column(
+            tf_config, cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.linear_proj = RowParallelLinear(
+            cfg.num_attention_heads * cfg.v_head_dim, h, config=tf_config,
+            init_method=tf_config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True)
+        self.q_scale = math.sqrt(h / cfg.q_lora_rank) if cfg.mla_scale_q_lora else 1.0
+        self.kv_scale = math.sqrt(h / cfg.kv_lora_rank) if cfg.mla_scale_kv_lora else 1.0
+        self.softmax_scale = softmax_scale(cfg)
+
+    def forward(self, x: torch.Tensor, rotary, attention_mask: Optional[torch.Tensor] = None):
+        cfg = self.cfg
+        cos, sin = rotary
+        q_latent, _ = self.linear_q_down_proj(x)                       # [s, b, q_lora]
+        q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))        # [s, b, n*(nope+rope)]
+        s, b = q.shape[:2]
+        q = q.view(s, b, self.heads_local, cfg.qk_head_dim) * self.q_scale
+        q_nope, q_rope = torch.split(q, [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+
+        kv, _ = self.linear_kv_down_proj(x)                             # [s, b, kv_lora+rope]
+        latent, k_rope = torch.split(kv, [cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv_up, _ = self.linear_kv_up_proj(self.kv_layernorm(latent) * self.kv_scale)
+        kv_up = kv_up.view(s, b, self.heads_local, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = torch.split(kv_up, [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        # The shared rope key feeds this rank's heads only: sum its gradient over TP.
+        k_rope = tensor_parallel.copy_to_tensor_model_parallel_region(k_rope)[:, :, None, :]
+
+        q_rope = InterleavedRotary.rotate(q_rope, cos, sin)
+        k_rope = InterleavedRotary.rotate(k_rope, cos, sin)
+        query = torch.cat([q_nope, q_rope], dim=-1)
+        key = torch.cat([k_nope, k_rope.expand(-1, -1, self.heads_local, -1)], dim=-1)
+
+        out = self._core_attention(query, key, v, attention_mask)       # [s, b, n_local*v]
+        out, _ = self.linear_proj(out)
+        return out
+
+    def _core_attention(self, q, k, v, attention_mask):
+        """Causal softmax attention in [s, b, heads, d]; a megatron bool mask (True = masked out)
+        replaces the causal default when given."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
+        if attention_mask is None:
+            s = q.shape[2]
+            mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        else:
+            mask = attention_mask
+        scores = scores.masked_fill(mask, float("-inf"))
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v)                                      # [b, n, s, dv]
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)

@@ -1,0 +1,182 @@
+"""HF LongcatFlash checkpoint keys <-> this model's full (unsharded, TP=PP=EP=1) state-dict keys.
+
+The HF side is the on-disk safetensors layout Meituan ships (per-expert keys, MTP under
+``model.mtp.*``); see docs/model.md. Dense and expert SwiGLU ``linear_fc1`` = cat[gate, up] on our
+side. The router's ``e_score_correction_bias`` is our ``expert_bias`` (N FFN + Z zero experts).
+Budget-controller state has no HF key: :func:`hf_to_megatron` starts it at zero.
+
+transformers 5.x keeps experts fused in memory (``gate_up_proj [N+Z, 2I, H]``, zero-expert rows
+unused, ``down_proj [N, H, I]``); :func:`to_transformers_memory_layout` converts the file layout to
+that for ``LongcatFlashForCausalLM.load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from longcat_megatron.model.config import ModelConfig
+
+_ATTN = {
+    "linear_q_down_proj": "q_a_proj",
+    "q_layernorm": "q_a_layernorm",
+    "linear_q_up_proj": "q_b_proj",
+    "linear_kv_down_proj": "kv_a_proj_with_mqa",
+    "kv_layernorm": "kv_a_layernorm",
+    "linear_kv_up_proj": "kv_b_proj",
+    "linear_proj": "o_proj",
+}
+
+
+def _attention_rules(ours: str, hf: str):
+    return [(f"{ours}.{a}.weight", f"{hf}.{b}.weight") for a, b in _ATTN.items()]
+
+
+def _rules(cfg: ModelConfig) -> list[tuple[str, str | tuple[str, str]]]:
+    """(our key, HF key or (gate, up) pair) for every tensor of the model."""
+    rules: list = [
+        ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+        ("final_layernorm.weight", "model.norm.weight"),
+        ("output_layer.weight", "lm_head.weight"),
+    ]
+    for layer in range(cfg.num_layers):
+        o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
+        for s in (0, 1):
+            rules += [
+                (f"{o}.input_layernorm_{s}.weight", f"{h}.input_layernorm.{s}.weight"),
+                (f"{o}.pre_mlp_layernorm_{s}.weight", f"{h}.post_attention_layernorm.{s}.weight"),
+                (f"{o}.mlps_{s}.linear_fc1.weight",
+                 (f"{h}.mlps.{s}.gate_proj.weight", f"{h}.mlps.{s}.up_proj.weight")),
+                (f"{o}.mlps_{s}.linear_fc2.weight", f"{h}.mlps.{s}.down_proj.weight"),
+            ]
+            rules += _attention_rules(f"{o}.self_attention_{s}", f"{h}.self_attn.{s}")
+        rules += [
+            (f"{o}.mlp.router.weight", f"{h}.mlp.router.classifier.weight"),
+            (f"{o}.mlp.router.expert_bias", f"{h}.mlp.router.e_score_correction_bias"),
+        ]
+        for e in range(cfg.num_experts):
+            oe, he = f"{o}.mlp.experts.local_experts.{e}", f"{h}.mlp.experts.{e}"
+            rules += [
+                (f"{oe}.linear_fc1.weight", (f"{he}.gate_proj.weight", f"{he}.up_proj.weight")),
+                (f"{oe}.linear_fc2.weight", f"{he}.down_proj.weight"),
+            ]
+    if cfg.mtp_num_layers:
+        h = "model.mtp.layers.0"
+        rules += [
+            ("mtp_head.embedding.weight", "model.mtp.embed_tokens.weight"),
+            ("mtp_head.enorm.weight", f"{h}.enorm.m.weight"),
+            ("mtp_head.hnorm.weight", f"{h}.hnorm.m.weight"),
+            ("mtp_head.eh_proj.weight", f"{h}.eh_proj.weight"),
+            ("mtp_head.input_layernorm.weight", f"{h}.input_layernorm.weight"),
+            ("mtp_head.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight"),
+            ("mtp_head.mlp.linear_fc1.weight", (f"{h}.transformer_layer.mlp.gate_proj.weight",
+                                           f"{h}.transformer_layer.mlp.up_proj.weight")),
+            ("mtp_head.mlp.linear_fc2.weight", f"{h}.transformer_layer.mlp.down_proj.weight"),
+            ("mtp_head.final_layernorm.weight", "model.mtp.norm.weight"),
+        ]
+        rules += _attention_rules("mtp_head.self_attention", f"{h}.self_attn")
+    return rules
+
+
+def _tensor_state(sd: dict) -> dict:
+    """Drop non-tensor entries (megatron's ``_extra_state``)."""
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def megatron_to_hf(state: dict, cfg: ModelConfig) -> dict:
+    """Our full state dict -> HF file-format tensors. Raises KeyError naming a missing key."""
+    state = _tensor_state(state)
+    out = {}
+    for ours, hf in _rules(cfg):
+        if ours not in state:
+            raise KeyError(f"megatron_to_hf: {ours!r} missing from the state dict (model config "
+                           "and checkpoint disagree?)")
+        t = state[ours]
+        if isinstance(hf, tuple):
+            gate, up = torch.chunk(t, 2, dim=0)
+            out[hf[0]], out[hf[1]] = gate.clone(), up.clone()
+        else:
+            out[hf] = t
+    return out
+
+
+def hf_to_megatron(hf: dict, cfg: ModelConfig) -> dict:
+    """HF file-format tensors -> our full state dict (controller state starts at zero)."""
+    out = {}
+    for ours, key in _rules(cfg):
+        keys = key if isinstance(key, tuple) else (key,)
+        missing = [k for k in keys if k not in hf]
+        if missing:
+            raise KeyError(f"hf_to_megatron: HF key {missing[0]!r} not found (is model.mtp_num_layers "
+                           "or the layer/expert count right for this checkpoint?)")
+        out[ours] = torch.cat([hf[k] for k in keys], dim=0) if len(keys) > 1 else hf[keys[0]]
+    if cfg.budget_target_ffn_experts is not None:
+        for layer in range(cfg.num_layers):
+            p = f"decoder.layers.{layer}.mlp.router.controller"
+            out[f"{p}.prev_error"] = torch.zeros(cfg.num_experts, dtype=torch.float64)
+            out[f"{p}.prev_prev_error"] = torch.zeros(cfg.num_experts, dtype=torch.float64)
+            out[f"{p}.steps"] = torch.zeros((), dtype=torch.int64)
+    return out
+
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def to_transformers_memory_layout(hf: dict, cfg: ModelConfig) -> dict:
+    """File layout -> transformers 5.x in-memory LongcatFlash layout (fused experts, no MTP)."""
+    out, experts = {}, {}
+    for key, t in hf.items():
+        m = _EXPERT.match(key)
+        if m:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+        elif not key.startswith("model.mtp."):
+            out[key] = t
+    n, z = cfg.num_experts, cfg.zero_expert_num
+    for prefix, parts in experts.items():
+        gate_up = [torch.cat([parts[(e, "gate")], parts[(e, "up")]], dim=0) for e in range(n)]
+        pad = torch.zeros_like(gate_up[0])
+        out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up + [pad] * z)
+        out[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
+    return out
+
+
+def from_transformers_memory_layout(mem: dict, cfg: ModelConfig) -> dict:
+    """transformers 5.x in-memory layout -> file layout (zero-expert rows of gate_up dropped)."""
+    out = {}
+    inter = cfg.moe_ffn_hidden_size
+    for key, t in mem.items():
+        if key.endswith("mlp.experts.gate_up_proj"):
+            prefix = key[: -len(".gate_up_proj")]
+            for e in range(cfg.num_experts):
+                out[f"{prefix}.{e}.gate_proj.weight"] = t[e, :inter].clone()
+                out[f"{prefix}.{e}.up_proj.weight"] = t[e, inter:].clone()
+        elif key.endswith("mlp.experts.down_proj"):
+            prefix = key[: -len(".down_proj")]
+            for e in range(cfg.num_experts):
+                out[f"{prefix}.{e}.down_proj.weight"] = t[e].clone()
+        else:
+            out[key] = t
+    return out
+
+
+def hf_config_kwargs(cfg: ModelConfig) -> dict:
+    """``transformers.LongcatFlashConfig`` keyword arguments equal to ``cfg``."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_type == "yarn":
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rotary_base, "factor": cfg.yarn_factor,
+                "original_max_position_embeddings": cfg.yarn_original_max_position_embeddings,
+                "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow,
+                "mscale": cfg.yarn_mscale, "mscale_all_dim": cfg.yarn_mscale_all_dim}
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_epsilon,
+        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+        head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        moe_topk=cfg.moe_router_topk, n_routed_experts=cfg.num_experts,
+        zero_expert_num=cfg.zero_expert_num, expert_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        routed_scaling_factor=cfg.routed_scaling_factor, rope_parameters=rope,
+        tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
+    )

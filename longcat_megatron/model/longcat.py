@@ -1,0 +1,183 @@
+"""The LongCat-Flash language model on megatron-core (one pipeline chunk).
+
+Follows GPTModel's contract: ``forward(input_ids, position_ids, attention_mask, labels=None,
+loss_mask=None)`` returns the per-token LM loss ``[b, s]`` on the last stage when labels are given,
+logits ``[b, s, V]`` otherwise, and hidden states ``[s(/tp), b, H]`` on other stages
+(``set_input_tensor`` feeds a non-first stage). Auxiliary losses (MTP, hidden z-loss, device-level
+LB loss) enter the backward inside the model. Hooks for the training loop:
+``on_train_step_end(iteration)`` (budget controller) and ``training_metrics()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from longcat_megatron.model import aux_losses
+from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.layer import ShortcutLayer, layer_norm
+from longcat_megatron.model.mtp import MTPHead, shift_left
+from longcat_megatron.model.parallel_info import sequence_parallel_size
+from longcat_megatron.model.rotary import InterleavedRotary
+
+
+class LayersByGlobalIndex(torch.nn.ModuleDict):
+    """Layers keyed by their global index (so state-dict keys do not depend on the pipeline
+    layout); iterating yields the layers, as megatron's schedules expect of ``decoder.layers``."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+
+class LongcatBlock(MegatronModule):
+    """The shortcut layers of one pipeline chunk, keyed by their global index."""
+
+    def __init__(self, cfg: ModelConfig, tf_config, vp_stage: Optional[int] = None):
+        super().__init__(config=tf_config)
+        num = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
+        offset = get_transformer_layer_offset(tf_config, vp_stage=vp_stage)
+        self.layers = LayersByGlobalIndex(
+            {str(offset + i): ShortcutLayer(cfg, tf_config, offset + i) for i in range(num)})
+        self.input_tensor = None
+
+    def forward(self, x, rotary, attention_mask=None):
+        for layer in self.layers.values():
+            x = layer(x, rotary, attention_mask)
+        return x
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        out = {}
+        for key, layer in self.layers.items():
+            out.update(layer.sharded_state_dict(f"{prefix}layers.{key}.", sharded_offsets, metadata))
+        return out
+
+
+class LongcatModel(LanguageModule):
+    """LongCat-Flash: embedding -> shortcut layers -> final norm -> LM head (+ MTP head)."""
+
+    def __init__(self, cfg: ModelConfig, tf_config, *, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: Optional[int] = None):
+        super().__init__(config=tf_config)
+        self.cfg = cfg
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = False
+        self.rotary = InterleavedRotary(cfg)
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                tf_config, vocab_size=cfg.vocab_size,
+                max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        self.decoder = LongcatBlock(cfg, tf_config, vp_stage)
+        if post_process:
+            self.final_layernorm = layer_norm(cfg, tf_config)
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size, cfg.vocab_size, config=tf_config,
+                init_method=tf_config.init_method, bias=False, skip_bias_add=False,
+                gather_output=False)
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+            self.mtp_head = MTPHead(cfg, tf_config) if cfg.mtp_num_layers else None
+        self._metrics: dict[str, float] = {}
+        self._last_aux: dict[str, torch.Tensor] = {}
+
+    # ---- pipeline -------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self.decoder.input_tensor = input_tensor
+
+    def _rotary(self, position_ids, hidden):
+        """(cos, sin) for the full sequence; positions 0..s-1 when a stage gets no position_ids."""
+        if position_ids is None:
+            s = hidden.shape[0] * sequence_parallel_size(self.config)
+            position_ids = torch.arange(s, device=hidden.device)[None].expand(hidden.shape[1], -1)
+        return self.rotary.angles(position_ids, hidden.dtype)
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
+                **unused):
+        if self.pre_process:
+            hidden = self.embedding(input_ids=input_ids, position_ids=None)
+        else:
+            hidden = self.decoder.input_tensor
+        rotary = self._rotary(position_ids, hidden)
+        hidden = self.decoder(hidden, rotary, attention_mask)
+        if not self.post_process:
+            return hidden
+        if self.cfg.z_loss_coeff > 0 and self.training:
+            z = aux_losses.hidden_z_loss(hidden, self.cfg.z_loss_coeff, self._token_scale())
+            self._last_aux["z_loss"] = z.detach() / self._token_scale()
+            tokens = hidden.shape[0] * hidden.shape[1] / self._token_scale()
+            hidden = aux_losses.attach(hidden, aux_losses.in_loss_units(z, tokens, self.config))
+        hidden = self.final_layernorm(hidden)
+        if self.mtp_head is not None and labels is not None:
+            hidden = self._attach_mtp_loss(input_ids, hidden, rotary, attention_mask, labels,
+                                           loss_mask)
+        logits, _ = self.output_layer(hidden)                          # [s, b, V/tp]
+        if labels is None:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+    def _token_scale(self) -> float:
+        """Local / global tokens of a sequence-sharded activation."""
+        return 1.0 / sequence_parallel_size(self.config)
+
+    def _attach_mtp_loss(self, input_ids, hidden, rotary, attention_mask, labels, loss_mask):
+        if input_ids is None:
+            raise ValueError("model.mtp_num_layers=1 needs input_ids on the last pipeline stage "
+                             "(the MTP head embeds token t+1)")
+        z = self.mtp_head(input_ids, hidden, rotary, attention_mask)
+        logits, _ = self.output_layer(z)
+        per_token = self.compute_language_model_loss(shift_left(labels), logits)
+        mask = torch.ones_like(per_token) if loss_mask is None else loss_mask.float()
+        mask = shift_left(mask, 0.0)
+        tokens = mask.sum().clamp_min(1.0)
+        loss = (per_token * mask).sum() / tokens
+        self._last_aux["mtp_loss"] = loss.detach()
+        weighted = aux_losses.in_loss_units(self.cfg.mtp_loss_scaling_factor * loss, tokens, self.config)
+        return aux_losses.attach(hidden, weighted)
+
+    # ---- training-loop hooks ---------------------------------------------------------------
+    def routers(self):
+        """(global layer index, router) of this chunk."""
+        return [(int(k), layer.mlp.router) for k, layer in self.decoder.layers.items()]
+
+    def on_train_step_end(self, iteration: int) -> None:
+        """Update the FFN-expert biases from this step's global token counts; refresh metrics."""
+        metrics: dict[str, float] = {}
+        for index, router in self.routers():
+            for name, value in router.end_step().items():
+                metrics[f"moe/layer{index}/{name}"] = value
+            if router.last_lb_loss is not None:
+                metrics[f"moe/layer{index}/lb_loss"] = float(router.last_lb_loss)
+        for name, value in self._last_aux.items():
+            metrics[name] = float(value)
+        self._metrics = metrics
+
+    def training_metrics(self) -> dict[str, float]:
+        """Per layer: FFN experts per token, min/max load over mean, router entropy; MTP loss,
+        z-loss (values of the last finished step on this rank's pipeline stage)."""
+        return dict(self._metrics)
+
+
+def build_longcat_chunk(cfg: ModelConfig, tf_config, *, pre_process: bool, post_process: bool,
+                        vp_stage: Optional[int] = None) -> LongcatModel:
+    """The factory's entry point (``model.arch: longcat``)."""
+    cfg.validate()
+    if tf_config.num_moe_experts != cfg.num_experts:
+        raise ValueError("transformer config num_moe_experts must equal model.num_experts "
+                         "(the FFN experts); build it with factory.transformer_config(cfg)")
+    return LongcatModel(cfg, tf_config, pre_process=pre_process, post_process=post_process,
+                        vp_stage=vp_stage)

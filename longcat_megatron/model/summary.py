@@ -1,0 +1,136 @@
+"""Print a LongCat model's parameter counts: total, by part, and the activated range per token.
+
+    python -m longcat_megatron.model.summary --config configs/longcat_flash.yaml [model.x=y ...]
+
+The model is built on the meta device (no memory, no initialisation) in a single local process.
+"Activated per token" counts every parameter a token touches except the input embedding (and the
+MTP head, reported separately): attention, dense MLPs, routers, norms, LM head, plus k FFN experts
+per layer for k = 0 ... top-k (zero experts cost nothing). The value at the budget target K_e is
+printed when configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import OrderedDict
+
+PARTS = OrderedDict([
+    ("embedding", ("embedding.",)),
+    ("attention (MLA)", (".self_attention_",)),
+    ("dense MLPs", (".mlps_",)),
+    ("FFN experts", (".mlp.experts.",)),
+    ("routers", (".mlp.router.",)),
+    ("norms", ("layernorm",)),
+    ("LM head", ("output_layer.",)),
+])
+
+
+def part_of(name: str) -> str:
+    """Which reported part a parameter name belongs to."""
+    if name.startswith("mtp_head."):
+        return "MTP head"
+    for part, needles in PARTS.items():
+        if any(n in name for n in needles):
+            return part
+    return "other"
+
+
+def count_parameters(model) -> dict:
+    """Parameter count per part."""
+    counts: dict = OrderedDict((p, 0) for p in list(PARTS) + ["other", "MTP head"])
+    for name, p in model.named_parameters():
+        counts[part_of(name)] += p.numel()
+    return counts
+
+
+def build_on_meta(cfg):
+    """The whole model (one process, no parallelism) on the meta device."""
+    import torch
+
+    from longcat_megatron import runtime
+    from longcat_megatron.model.factory import transformer_config
+    from longcat_megatron.model.longcat import build_longcat_chunk
+
+    if not os.environ.get("MASTER_PORT"):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    runtime.initialize()
+    tf = transformer_config(cfg)
+    tf.perform_initialization = False
+    with torch.device("meta"):
+        return build_longcat_chunk(cfg, tf, pre_process=True, post_process=True)
+
+
+def summarize(cfg) -> dict:
+    """Counts by part plus totals and the activated range (numbers of parameters)."""
+    counts = count_parameters(build_on_meta(cfg))
+    per_expert_all_layers = counts["FFN experts"] // cfg.num_experts
+    main = sum(v for k, v in counts.items() if k != "MTP head")
+    base = main - counts["embedding"] - counts["FFN experts"]
+    out = {"parts": counts, "total": main, "mtp": counts["MTP head"],
+           "activated_min": base, "activated_max": base + cfg.moe_router_topk * per_expert_all_layers,
+           "per_ffn_expert_all_layers": per_expert_all_layers}
+    if cfg.budget_target_ffn_experts is not None:
+        out["activated_at_target"] = base + cfg.budget_target_ffn_experts * per_expert_all_layers
+    return out
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:,.2f}B"
+
+
+def render(cfg, s: dict) -> str:
+    lines = [f"LongCat model: {cfg.num_layers} shortcut layers, hidden {cfg.hidden_size}, "
+             f"{cfg.num_experts} FFN + {cfg.zero_expert_num} zero experts, top-{cfg.moe_router_topk}"]
+    for part, n in s["parts"].items():
+        if n and part != "MTP head":
+            lines.append(f"  {part:<18} {_b(n):>10}  ({n:,})")
+    lines.append(f"  {'total':<18} {_b(s['total']):>10}  ({s['total']:,})  [MTP not included]")
+    if s["mtp"]:
+        lines.append(f"  {'MTP head':<18} {_b(s['mtp']):>10}  ({s['mtp']:,})")
+    lines.append(f"activated per token (all but the input embedding, k FFN experts of "
+                 f"{_b(s['per_ffn_expert_all_layers'])} each over all layers): "
+                 f"{_b(s['activated_min'])} (k=0) - {_b(s['activated_max'])} (k={cfg.moe_router_topk})")
+    if "activated_at_target" in s:
+        lines.append(f"  at the budget target K_e={cfg.budget_target_ffn_experts}: "
+                     f"{_b(s['activated_at_target'])}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m longcat_megatron.model.summary",
+        description="Build a LongCat model on the meta device and print its parameter counts: "
+                    "total, by part, MTP head separately, and the activated range per token.")
+    parser.add_argument("--config", required=True, help="run config YAML (its model: section is used)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=14")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    from longcat_megatron.config import ConfigError, load_config
+
+    try:
+        # Only the model section matters here: data.mock stops the data checks (paths) from
+        # rejecting a cluster config on a machine that has no corpus.
+        cfg = load_config(args.config, list(args.overrides) + ["data.mock=true"]).model
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.arch != "longcat":
+        print(f"error: {args.config}: model.arch is {cfg.arch!r}; this summary is for arch: longcat",
+              file=sys.stderr)
+        return 2
+    print(render(cfg, summarize(cfg)))
+    from longcat_megatron import runtime
+
+    runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
