@@ -46,3 +46,20 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
     assert again[0]["ignored"] == [6]
     assert again[0]["iteration"] == 9
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "9"
+
+
+def test_preemption_signal_saves_exits_75_and_resume_matches(tmp_path):
+    """SIGUSR1 on one rank (SLURM's pre-timeout warning): all ranks agree, save the same iteration,
+    exit with the requeue code; the resumed run ends exactly like an uninterrupted one."""
+    straight = run_distributed(run_training, 2, BASE + ["train.train_iters=8"])
+    ckpt = tmp_path / "p"
+    args = BASE + ["train.train_iters=8", f"checkpoint.save={ckpt}"]
+    stopped = run_distributed(run_training, 2, args, env={"LONGCAT_FAULT_INJECT": "signal_after_step:3:1"})
+    assert [r["exit_code"] for r in stopped] == [75, 75]
+    assert stopped[0]["iteration"] == 3
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    resumed = run_distributed(run_training, 2, args)
+    assert resumed[0]["resumed_from"] == 3 and resumed[0]["exit_code"] == 0
+    assert {**stopped[0]["losses"], **resumed[0]["losses"]} == straight[0]["losses"]
+    for k, v in straight[1]["weights"].items():
+        assert torch.equal(v, resumed[1]["weights"][k]), k

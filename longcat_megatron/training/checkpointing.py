@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from longcat_megatron.errors import UserInputError
+from longcat_megatron.training.faults import maybe_inject
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_NAME = "run_config.yaml"
@@ -186,14 +186,6 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _fault(point: str, iteration: int) -> None:
-    """Test hook: ``LONGCAT_FAULT_INJECT=kill_during_save:ITER`` SIGKILLs this process after the
-    shards of ITER are written and before the tracker is committed (simulates a crash mid-save)."""
-    spec = os.environ.get("LONGCAT_FAULT_INJECT", "")
-    if spec == f"{point}:{iteration}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # --------------------------------------------------------------------------------------------- save
 def save_checkpoint(
     root: str,
@@ -242,7 +234,7 @@ def save_checkpoint(
     state["rng_state"] = _rng_sharded_object(rank, world)
 
     def commit():
-        _fault("kill_during_save", train_state.iteration)
+        maybe_inject("kill_during_save", train_state.iteration, rank)
         if rank == 0:
             if config_yaml_writer is not None:
                 config_yaml_writer(os.path.join(path, CONFIG_NAME))

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from longcat_megatron import runtime
 from longcat_megatron.config import RunConfig, save_config
 from longcat_megatron.training import checkpointing as ckpt
+from longcat_megatron.training.faults import maybe_inject
 from longcat_megatron.training.progress import ProgressLogger
 from longcat_megatron.training.setup import (
     build_model,
@@ -314,6 +315,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
                 log.scalar("valid/loss", val, state.iteration)
         if async_queue is not None:
             ckpt.finalize_async_saves(async_queue)
+        maybe_inject("signal_after_step", state.iteration, rank)
         reason = stop.agreed()
         if save_dir and c.save_interval and state.iteration % c.save_interval == 0:
             result.checkpoint = save()

@@ -1,9 +1,18 @@
 """Stop requests: SIGTERM/SIGUSR1 (SLURM's pre-timeout warning, ``scancel --signal``) and a wall-clock
-limit. Ranks agree on stopping through an all-reduce, so they all save the same iteration."""
+limit. Ranks agree on stopping through an all-reduce, so they all save the same iteration.
+
+SLURM signals *every* process of a job step, not only the rank: helper processes must survive the
+signal, or the save it asks for fails. Forked helpers inherit the Python handler (harmless), but
+megatron's checkpoint writer keeps a *spawned* ``multiprocessing`` Manager (fresh interpreter,
+default action = die on SIGUSR1/SIGTERM); :func:`shield_spawned_checkpoint_helpers` makes it start
+with those signals blocked.
+"""
 
 from __future__ import annotations
 
+import functools
 import signal
+import threading
 import time
 
 import torch
@@ -11,6 +20,43 @@ import torch.distributed as dist
 
 # Exit code meaning "saved a checkpoint and stopped early: requeue me" (EX_TEMPFAIL).
 EXIT_REQUEUE = 75
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _spawn_with_stop_signals_blocked(create):
+    """Call ``create()`` (which spawns a process) with the stop signals blocked in this thread: the
+    child inherits the mask and never acts on them; a signal arriving meanwhile stays pending here and
+    is handled once unblocked (nothing is lost)."""
+    if threading.current_thread() is not threading.main_thread():
+        return create()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return create()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def shield_spawned_checkpoint_helpers() -> None:
+    """Make megatron-core's checkpoint-writer results queue (a spawned Manager process, created on the
+    first save) immune to SIGUSR1/SIGTERM sent to the whole job step. Idempotent."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return
+    original = getattr(fa, "_get_write_results_queue", None)
+    if original is None or getattr(original, "_longcat_shielded", False):
+        return
+
+    @functools.wraps(original)
+    def shielded():
+        if fa._results_queue is not None:
+            return fa._results_queue
+        return _spawn_with_stop_signals_blocked(original)
+
+    shielded._longcat_shielded = True
+    fa._get_write_results_queue = shielded
 
 
 class StopRequest:
@@ -22,7 +68,8 @@ class StopRequest:
         self.limit_s = exit_duration_mins * 60.0
         self._previous = {}
         if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            shield_spawned_checkpoint_helpers()
+            for sig in _STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
