@@ -38,17 +38,17 @@ class DataConfig:
     mock: bool = False
     # Token ids of mock data are drawn below this (keep <= the model's vocab_size).
     mock_vocab_size: int = 256
-    # Indexed-dataset prefixes of packed SFT data (``python -m data_tools.sft``), same syntax as
-    # ``paths``; used by ``build_sft_iterators``.
-    sft_paths: list = field(default_factory=list)
+    # ``paths`` hold packed chat data made by ``python -m data_tools.sft`` (PREFIX + PREFIX_loss_mask):
+    # loss on assistant tokens only, read by ``build_sft_iterators``.
+    sft: bool = False
 
-    def prefixes(self, field_name: str = "paths") -> list[str]:
-        """The dataset prefixes in ``paths`` (or ``sft_paths``), weights dropped."""
-        return [p for p in getattr(self, field_name) if isinstance(p, str)]
+    def prefixes(self) -> list[str]:
+        """The dataset prefixes in ``paths`` (weights dropped)."""
+        return [p for p in self.paths if isinstance(p, str)]
 
-    def weights(self, field_name: str = "paths") -> Optional[list[float]]:
-        """Blend weights, or None when ``paths`` (or ``sft_paths``) has no weights."""
-        nums = [p for p in getattr(self, field_name) if not isinstance(p, str)]
+    def weights(self) -> Optional[list[float]]:
+        """Blend weights, or None when ``paths`` has no weights."""
+        nums = [p for p in self.paths if not isinstance(p, str)]
         if not nums:
             return None
         return [float(w) for w in nums]
@@ -65,25 +65,25 @@ class DataConfig:
             )
         if self.mock:
             return
-        if not self.paths and not self.sft_paths:
+        tool = "data_tools.sft" if self.sft else "data_tools.preprocess"
+        if not self.paths:
             raise DataConfigError(
                 "data.paths is empty: give indexed-dataset prefixes (made by "
-                "`python -m data_tools.preprocess`), or set data.mock=true for synthetic tokens"
+                f"`python -m {tool}`), or set data.mock=true for synthetic tokens"
             )
-        blends = (("paths", "data_tools.preprocess", ("",)), ("sft_paths", "data_tools.sft", ("", "_loss_mask")))
-        for field_name, tool, suffixes in blends:
-            weights = self.weights(field_name)
-            if weights is not None and len(weights) != len(self.prefixes(field_name)):
-                raise DataConfigError(
-                    f"data.{field_name} mixes weights and prefixes unevenly: use [w1, prefix1, w2, prefix2, ...]"
-                )
-            for prefix in self.prefixes(field_name):
-                for ext in [suffix + e for suffix in suffixes for e in (".bin", ".idx")]:
-                    if not os.path.isfile(prefix + ext):
-                        raise DataConfigError(
-                            f"data.{field_name}: '{prefix}{ext}' does not exist. Run "
-                            f"`python -m {tool}` to create it, or fix the prefix."
-                        )
+        weights = self.weights()
+        if weights is not None and len(weights) != len(self.prefixes()):
+            raise DataConfigError(
+                "data.paths mixes weights and prefixes unevenly: use [w1, prefix1, w2, prefix2, ...]"
+            )
+        suffixes = ("", "_loss_mask") if self.sft else ("",)
+        for prefix in self.prefixes():
+            for ext in [suffix + e for suffix in suffixes for e in (".bin", ".idx")]:
+                if not os.path.isfile(prefix + ext):
+                    raise DataConfigError(
+                        f"data.paths: '{prefix}{ext}' does not exist. Run "
+                        f"`python -m {tool}` to create it, or fix the prefix."
+                    )
         parts = self.split.split(",")
         try:
             nums = [float(x) for x in parts]

@@ -2,8 +2,10 @@
 
 A checkpoint stores ``consumed_train_samples`` plus the fingerprint of the data it was trained on.
 The sample order megatron-core builds depends on the dataset files, blend weights, split, sequence
-length, seed and the number of training samples (it sizes the shuffled index), so all of these are
-part of the fingerprint. On resume :func:`check_fingerprint` refuses a different fingerprint unless
+length, seed and the number of samples built (the *sample horizon*, at least one epoch: see
+:mod:`longcat_megatron.data.horizon`; it changes only when a run grows past one epoch of some
+dataset, so extending ``train_iters`` normally keeps the fingerprint), so all of these are part of
+the fingerprint. On resume :func:`check_fingerprint` refuses a different fingerprint unless
 the operator explicitly allows the change. The data-parallel size is *not* part of it: the global
 sample order does not depend on it.
 
@@ -17,7 +19,9 @@ import logging
 import os
 
 from longcat_megatron.data.config import DataConfig
+from longcat_megatron.data.horizon import sample_horizon
 from longcat_megatron.data.indexed_files import check_indexed_pair, sampled_digest
+from longcat_megatron.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +30,13 @@ FINGERPRINT_VERSION = 1
 _INFORMATIONAL_KEYS = ("paths",)
 
 
-class DataFingerprintError(ValueError):
+class DataFingerprintError(UserInputError):
     """Resuming against different data; the message lists every difference and the override."""
 
 
-def _describe_blend(paths: list) -> tuple[list, list]:
-    cfg = DataConfig(paths=list(paths))
-    prefixes, weights = cfg.prefixes(), cfg.weights()
+def _describe_blend(data_cfg: DataConfig) -> tuple[list, list]:
+    """(content description per prefix, absolute paths) of ``data.paths``."""
+    prefixes, weights = data_cfg.prefixes(), data_cfg.weights()
     entries, where = [], []
     for i, prefix in enumerate(prefixes):
         summary = check_indexed_pair(prefix)
@@ -53,19 +57,18 @@ def dataset_fingerprint(data_cfg: DataConfig, *, seed: int, train_samples: int) 
     fp: dict = {
         "version": FINGERPRINT_VERSION,
         "mock": bool(data_cfg.mock),
+        "sft": bool(data_cfg.sft),
         "seq_length": int(data_cfg.seq_length),
         "split": data_cfg.split,
         "seed": int(seed),
-        "train_samples": int(train_samples),
-        "paths": {},
+        "paths": [],
     }
+    if not data_cfg.sft:  # packed SFT order is prefix-stable in the run length; GPTDataset's is not
+        fp["sample_horizon"] = sample_horizon(data_cfg, train_samples)
     if data_cfg.mock:
         fp["mock_vocab_size"] = int(data_cfg.mock_vocab_size)
-        return fp
-    for field_name, fp_key in (("paths", "datasets"), ("sft_paths", "sft_datasets")):
-        blend = getattr(data_cfg, field_name)
-        if blend:
-            fp[fp_key], fp["paths"][field_name] = _describe_blend(blend)
+    else:
+        fp["datasets"], fp["paths"] = _describe_blend(data_cfg)
     return fp
 
 

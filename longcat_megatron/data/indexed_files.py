@@ -2,8 +2,8 @@
 
 megatron-core opens a ``.bin``/``.idx`` pair without checking that they belong together; a truncated
 ``.bin`` or an ``.idx`` from another run then fails much later (or silently reads garbage).
-:func:`check_indexed_pair` reads only the ``.idx`` header and its last entries and compares them with
-the ``.bin`` size, so it is cheap even for terabyte datasets. When our preprocessing wrote a
+:func:`check_indexed_pair` reads the ``.idx`` (never the whole ``.bin``) and compares it with the
+``.bin`` size, so it is cheap even for terabyte datasets. When our preprocessing wrote a
 ``PREFIX.meta.json`` sidecar, the pair is also compared with the run that wrote it (sizes and
 digests of sampled ``.idx``/``.bin`` blocks), which catches a pair mixed from two runs of
 equal size.
@@ -18,6 +18,8 @@ import struct
 
 import numpy as np
 
+from longcat_megatron.errors import UserInputError
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron-core DType codes -> numpy dtypes (megatron/core/datasets/indexed_dataset.py).
 DTYPE_BY_CODE = {
@@ -29,7 +31,7 @@ _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 SIDECAR_SUFFIX = ".meta.json"
 
 
-class IndexedDataError(ValueError):
+class IndexedDataError(UserInputError):
     """A ``.bin``/``.idx`` pair is missing, truncated or mismatched; the message names the files."""
 
 
@@ -137,3 +139,9 @@ def write_sidecar(prefix: str, extra: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     os.replace(tmp, prefix + SIDECAR_SUFFIX)
+
+
+def sequence_lengths(prefix: str) -> np.ndarray:
+    """The int32 sequence lengths of ``PREFIX.idx`` (memory-mapped, read-only)."""
+    sequences = read_index_summary(prefix)["sequences"]
+    return np.memmap(prefix + ".idx", mode="r", dtype=np.int32, offset=_HEADER_BYTES, shape=(sequences,))

@@ -12,8 +12,10 @@ import importlib
 
 import torch
 
+from longcat_megatron.errors import UserInputError
 
-class HelpersUnavailableError(RuntimeError):
+
+class HelpersUnavailableError(UserInputError):
     """The C++ dataset helpers are missing and could not be compiled; the message says what to install."""
 
 

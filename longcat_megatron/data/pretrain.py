@@ -3,7 +3,8 @@
 ``build_pretrain_iterators`` builds ``GPTDataset``s (or ``MockGPTDataset`` when ``data.mock``) with
 ``BlendedMegatronDatasetBuilder``: a weighted blend of indexed-dataset prefixes, split into train and
 valid parts by ``data.split``, packed into ``seq_length + 1`` token windows across document
-boundaries (megatron's sample index). The train iterator reads global samples
+boundaries (megatron's sample index); within one epoch of every dataset the order does not depend on
+the run length (:mod:`longcat_megatron.data.horizon`). The train iterator reads global samples
 ``consumed_train_samples, ...`` in Megatron-LM's ``MegatronPretrainingSampler`` order
 (:mod:`longcat_megatron.data.sampler`), so resume is O(1) and the order does not depend on the
 data-parallel size.
@@ -26,6 +27,7 @@ import torch
 
 from longcat_megatron.data.config import DataConfig, DataConfigError
 from longcat_megatron.data.fingerprint import check_fingerprint, dataset_fingerprint  # noqa: F401 (API)
+from longcat_megatron.data.horizon import MID_LEVEL_SURPLUS
 from longcat_megatron.data.indexed_files import check_indexed_pair
 from longcat_megatron.data.mcore_helpers import ensure_dataset_helpers
 from longcat_megatron.data.sampler import check_batch_layout, micro_batch_indices
@@ -83,7 +85,7 @@ def gpt_dataset_config(data_cfg: DataConfig, *, seed: int, blend: Optional[list]
         reset_attention_mask=data_cfg.reset_attention_mask,
         eod_mask_loss=data_cfg.eod_mask_loss,
         create_attention_mask=data_cfg.reset_attention_mask,
-        mid_level_dataset_surplus=0.005,
+        mid_level_dataset_surplus=MID_LEVEL_SURPLUS,
     )
 
 
@@ -93,9 +95,9 @@ def build_gpt_datasets(data_cfg: DataConfig, *, seed: int, train_samples: int, e
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     data_cfg.validate()
-    if not data_cfg.mock and not data_cfg.paths:
-        raise DataConfigError("data.paths is empty: pretraining needs indexed-dataset prefixes (data.sft_paths "
-                              "are read by build_sft_iterators), or set data.mock=true")
+    if data_cfg.sft:
+        raise DataConfigError("data.sft=true: packed chat data is read by longcat_megatron.data.sft."
+                              "build_sft_iterators, not build_pretrain_iterators")
     ensure_dataset_helpers()
     if not data_cfg.mock:
         for prefix in data_cfg.prefixes():
@@ -106,7 +108,7 @@ def build_gpt_datasets(data_cfg: DataConfig, *, seed: int, train_samples: int, e
         cls, [train_samples, eval_samples, 0], lambda: True, config
     ).build()
     if train is None or len(train) < train_samples:
-        raise ValueError(
+        raise DataConfigError(
             f"data: the train split holds {0 if train is None else len(train)} samples of "
             f"{data_cfg.seq_length + 1} tokens but {train_samples} were asked for; check data.split"
         )

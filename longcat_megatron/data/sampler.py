@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from longcat_megatron.errors import UserInputError
 
-class SamplerError(ValueError):
+
+class SamplerError(UserInputError):
     """Batch sizes, ranks or the resume position are inconsistent; the message says which."""
 
 

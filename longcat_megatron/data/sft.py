@@ -139,22 +139,23 @@ class PackedSFTDataset(MegatronDataset):
 
 
 def build_sft_datasets(data_cfg: DataConfig, *, seed: int, train_samples: int, eval_samples: int):
-    """(train, valid) packed SFT datasets of ``data.sft_paths``; valid None when its split is empty."""
-    if not data_cfg.sft_paths:
-        raise DataConfigError("data.sft_paths is empty: give prefixes made by `python -m data_tools.sft`")
+    """(train, valid) packed SFT datasets of ``data.paths`` (``data.sft``); valid None when its split is empty."""
+    if not data_cfg.sft or data_cfg.mock:
+        raise DataConfigError("build_sft_iterators needs data.sft=true and data.paths with prefixes made by "
+                              "`python -m data_tools.sft` (data.mock is not supported for SFT)")
     data_cfg.validate()
     ensure_dataset_helpers()
-    prefixes = data_cfg.prefixes("sft_paths")
+    prefixes = data_cfg.prefixes()
     config = SFTDatasetConfig(
         random_seed=seed, sequence_length=data_cfg.seq_length,
-        blend=(prefixes, data_cfg.weights("sft_paths")), split=data_cfg.split,
+        blend=(prefixes, data_cfg.weights()), split=data_cfg.split,
         path_to_cache=index_cache_dir(data_cfg, prefixes),
         reset_position_ids=data_cfg.reset_position_ids, reset_attention_mask=data_cfg.reset_attention_mask,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(PackedSFTDataset, [train_samples, eval_samples, 0],
                                                     lambda: True, config).build()
     if train is None or len(train) < train_samples:
-        raise ValueError(f"data.sft_paths: the train split has {0 if train is None else len(train)} "
+        raise DataConfigError(f"data.paths (SFT): the train split has {0 if train is None else len(train)} "
                          f"packed samples, {train_samples} asked for; check data.split")
     return train, valid
 

@@ -11,11 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from longcat_megatron.errors import UserInputError
+
 # Names tried, in order, when tokenizer_config.json does not name an EOS token.
 _EOS_FALLBACKS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 
 
-class TokenizerDirError(ValueError):
+class TokenizerDirError(UserInputError):
     """The tokenizer directory is missing files or special tokens; the message says which."""
 
 

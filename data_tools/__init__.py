@@ -1,0 +1,1 @@
+"""Offline data tools: preprocessing to megatron-core indexed datasets, merging, SFT data, the tiny corpus."""

@@ -1,0 +1,216 @@
+"""SFT data: assistant-only loss masks (LongCat-style and HF templates), packing isolation, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+from data_tools.chat_format import HFChatTemplate, tokenize_hf, tokenize_longcat
+from data_tools.sft import preprocess_sft
+from data_tools.tiny_corpus import build_tiny_corpus
+from longcat_megatron.data.config import DataConfig
+from longcat_megatron.data.sft import build_sft_iterators
+
+EOS = 2
+SEQ = 128
+WORDS = "alpha beta gamma delta print return value list dict error file open close read write".split()
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]},
+    {"role": "tool", "name": "add", "content": "4"},
+    {"role": "assistant", "content": "It is four."},
+    {"role": "user", "content": "And times three?"},
+    {"role": "assistant", "content": "Twelve."},
+]
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tiny"))
+    build_tiny_corpus(out, vocab_size=512, max_mb=0.25)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(tiny, "tokenizer", "tokenizer.json"))
+
+
+def masked_runs(ids, mask):
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def test_longcat_template_masks_exactly_the_assistant_turns(tokenizer):
+    chat = tokenize_longcat(tokenizer, CONVERSATION, EOS)
+    runs = masked_runs(chat.ids, chat.loss_mask)
+    assert len(runs) == 3 and all(r[-1] == EOS for r in runs)
+    texts = [tokenizer.decode(r[:-1], skip_special_tokens=False) for r in runs]
+    assert texts[0].startswith("<longcat_tool_call>") and '"name": "add"' in texts[0]
+    assert texts[1:] == ["It is four.", "Twelve."]
+    prompt = tokenizer.decode([i for i, m in zip(chat.ids, chat.loss_mask) if not m])
+    for m in CONVERSATION:
+        if m["role"] != "assistant":
+            assert m["content"] in prompt
+    assert "four" not in prompt and "Twelve" not in prompt
+    assert prompt.startswith("SYSTEM:You are terse.\n[Round 0] USER:What is two plus two? ASSISTANT:")
+
+
+def test_hf_template_masks_exactly_the_assistant_turns(tokenizer):
+    special = {"eos_token": "<|endoftext|>", "bos_token": "<|bos|>", "pad_token": "<|pad|>"}
+    messages = [m for m in CONVERSATION if "tool_calls" not in m]
+    chat = tokenize_hf(tokenizer, HFChatTemplate(CHATML, special), messages, None, EOS)
+    runs = [tokenizer.decode(r) for r in masked_runs(chat.ids, chat.loss_mask)]
+    assert runs == ["It is four.<|im_end|>\n", "Twelve.<|im_end|>\n"]
+    assert chat.ids[-1] == EOS and chat.loss_mask[-1] == 0
+    assert tokenizer.decode(chat.ids[:-1]) == HFChatTemplate(CHATML, special).render(messages, None, False)
+
+
+def make_chats(path: str, n: int, seed: int = 0) -> list[str]:
+    """Write n random multi-turn chats plus bad lines; returns every assistant reply."""
+    rng = random.Random(seed)
+    replies, lines = [], []
+    for k in range(n):
+        msgs = [{"role": "system", "content": "sys " + rng.choice(WORDS)}] if k % 3 == 0 else []
+        for _ in range(rng.randint(1, 2)):
+            msgs.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 3)))})
+            reply = " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
+            replies.append(reply)
+            msgs.append({"role": "assistant", "content": reply})
+        lines.append(json.dumps({"messages": msgs}))
+        if k == 5:
+            lines += ['{"messages": [', json.dumps({"messages": [{"role": "user", "content": "no reply"}]})]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return replies
+
+
+@pytest.fixture(scope="module")
+def sft_data(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    replies = make_chats(str(d / "chats.jsonl"), 120)
+    summary = preprocess_sft([str(d / "chats.jsonl")], os.path.join(tiny, "tokenizer"), str(d / "sft"),
+                             seq_length=SEQ, workers=2)
+    return str(d / "sft"), replies, summary
+
+
+def sft_cfg(prefix, **kw):
+    return DataConfig(paths=[prefix], sft=True, seq_length=SEQ, split="90,10,0", reset_position_ids=True,
+                      reset_attention_mask=True, **kw)
+
+
+def take(cfg, *, consumed, n, dp_rank, dp_size, mbs=2, gbs=4):
+    train, _ = build_sft_iterators(cfg, seed=3, micro_batch_size=mbs, global_batch_size=gbs, train_samples=24,
+                                   eval_samples=4, dp_rank=dp_rank, dp_size=dp_size,
+                                   consumed_train_samples=consumed)
+    return [next(train) for _ in range(n)]
+
+
+def test_sft_cli_counts_bad_lines(sft_data):
+    _, _, summary = sft_data
+    assert summary.documents == 120 and summary.skipped_count == 2
+    assert any(":7: malformed JSON" in s for s in summary.skipped)
+    assert any(":8: conversation has no assistant turn" in s for s in summary.skipped)
+
+
+def conversation_lengths_by_pack(prefix: str) -> dict:
+    """{token ids of a packed sample: its conversation lengths}, read straight from the index."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    out = {}
+    for d in range(len(ds.document_indices) - 1):
+        seqs = range(ds.document_indices[d], ds.document_indices[d + 1])
+        ids = sum((ds[s].tolist() for s in seqs), [])
+        out[tuple(ids)] = [int(ds.sequence_lengths[s]) for s in seqs]
+    return out
+
+
+def test_packed_conversations_never_see_each_other(sft_data, tokenizer):
+    prefix, replies, _ = sft_data
+    packs = conversation_lengths_by_pack(prefix)
+    batches = take(sft_cfg(prefix), consumed=0, n=6, dp_rank=0, dp_size=1)
+    packed_several = False
+    for b in batches:
+        for tokens, labels, loss, pos, mask in zip(b["tokens"], b["labels"], b["loss_mask"], b["position_ids"],
+                                                   b["attention_mask"][:, 0]):
+            full = tokens.tolist() + [labels[-1].item()]
+            lengths = next(v for k, v in packs.items() if tuple(full[: len(k)]) == k)
+            packed_several |= len(lengths) >= 2
+            # Segment of every position: conversation k, then padding as one more segment.
+            seg = torch.tensor(sum(([k] * n for k, n in enumerate(lengths)), []) + [len(lengths)] * (SEQ + 1))[:SEQ]
+            same = seg[:, None] == seg[None, :]
+            causal = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool))
+            assert torch.equal(~mask, same & causal)
+            starts = {int(s): int((seg == s).nonzero()[0]) for s in seg.unique()}
+            assert torch.equal(pos, torch.arange(SEQ) - torch.tensor([starts[int(s)] for s in seg]))
+            # Loss only on assistant replies (each run = one reply + EOS), never across a boundary.
+            for run in masked_runs(labels.tolist(), loss.tolist()):
+                assert run[-1] == EOS and tokenizer.decode(run[:-1]) in replies
+    assert packed_several
+
+
+def test_sft_resume_and_dp_change(sft_data):
+    prefix, _, _ = sft_data
+    cfg = sft_cfg(prefix)
+
+    def glob(per_rank):
+        return torch.cat([per_rank[r][s]["tokens"] for s in range(len(per_rank[0])) for r in range(len(per_rank))])
+
+    straight = glob([take(cfg, consumed=0, n=4, dp_rank=r, dp_size=2) for r in range(2)])
+    resumed = glob([take(cfg, consumed=8, n=2, dp_rank=r, dp_size=2) for r in range(2)])
+    dp1 = glob([take(cfg, consumed=8, n=4, dp_rank=0, dp_size=1)])
+    assert torch.equal(straight[8:], resumed) and torch.equal(straight[8:], dp1)
+    masks = [take(cfg, consumed=8, n=1, dp_rank=0, dp_size=2)[0]["loss_mask"],
+             take(cfg, consumed=0, n=3, dp_rank=0, dp_size=2)[2]["loss_mask"]]
+    assert torch.equal(masks[0], masks[1])
+
+
+def test_mismatched_mask_dataset_is_a_clear_error(sft_data, tmp_path):
+    prefix, _, _ = sft_data
+    other = str(tmp_path / "other")
+    for suffix in ("", "_loss_mask"):
+        for ext in (".bin", ".idx", ".meta.json"):
+            shutil.copy(prefix + suffix + ext, other + suffix + ext)
+    with open(other + "_loss_mask.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(Exception, match="do not match"):
+        take(sft_cfg(other), consumed=0, n=1, dp_rank=0, dp_size=1)
+
+
+def test_sft_cli_uses_the_tokenizers_chat_template(tiny, tokenizer, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokdir = str(tmp_path / "tok")
+    shutil.copytree(os.path.join(tiny, "tokenizer"), tokdir)
+    cfg_file = os.path.join(tokdir, "tokenizer_config.json")
+    cfg = json.load(open(cfg_file))
+    json.dump({**cfg, "chat_template": CHATML}, open(cfg_file, "w"))
+    replies = make_chats(str(tmp_path / "chats.jsonl"), 10, seed=5)
+    preprocess_sft([str(tmp_path / "chats.jsonl")], tokdir, str(tmp_path / "hf"), seq_length=1024, workers=1)
+    ids, masks = IndexedDataset(str(tmp_path / "hf")), IndexedDataset(str(tmp_path / "hf_loss_mask"))
+    runs = []
+    for i in range(len(ids)):
+        runs += [tokenizer.decode(r) for r in masked_runs(ids[i].tolist(), masks[i].tolist())]
+    assert runs == [r + "<|im_end|>\n" for r in replies]
