@@ -33,8 +33,9 @@ def _attention_rules(ours: str, hf: str):
     return [(f"{ours}.{a}.weight", f"{hf}.{b}.weight") for a, b in _ATTN.items()]
 
 
-def _rules(cfg: ModelConfig) -> list[tuple[str, str | tuple[str, str]]]:
-    """(our key, HF key or (gate, up) pair) for every tensor of the model."""
+def key_rules(cfg: ModelConfig) -> list[tuple[str, str | tuple[str, str]]]:
+    """(our full-model key, HF key or (gate, up) pair of HF keys) for every tensor of the model
+    (N-gram tables excepted: they belong to the N-gram Embedding's own mapping)."""
     rules: list = [
         ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
         ("final_layernorm.weight", "model.norm.weight"),
@@ -79,6 +80,9 @@ def _rules(cfg: ModelConfig) -> list[tuple[str, str | tuple[str, str]]]:
     return rules
 
 
+_rules = key_rules   # older name, used by ckpt_convert.layout
+
+
 def _tensor_state(sd: dict) -> dict:
     """Drop non-tensor entries (megatron's ``_extra_state``)."""
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -88,7 +92,7 @@ def megatron_to_hf(state: dict, cfg: ModelConfig) -> dict:
     """Our full state dict -> HF file-format tensors. Raises KeyError naming a missing key."""
     state = _tensor_state(state)
     out = {}
-    for ours, hf in _rules(cfg):
+    for ours, hf in key_rules(cfg):
         if ours not in state:
             raise KeyError(f"megatron_to_hf: {ours!r} missing from the state dict (model config "
                            "and checkpoint disagree?)")
@@ -104,7 +108,7 @@ def megatron_to_hf(state: dict, cfg: ModelConfig) -> dict:
 def hf_to_megatron(hf: dict, cfg: ModelConfig) -> dict:
     """HF file-format tensors -> our full state dict (controller state starts at zero)."""
     out = {}
-    for ours, key in _rules(cfg):
+    for ours, key in key_rules(cfg):
         keys = key if isinstance(key, tuple) else (key,)
         missing = [k for k in keys if k not in hf]
         if missing:

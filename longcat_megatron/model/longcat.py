@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -121,7 +120,7 @@ class LongcatModel(LanguageModule):
             tokens = hidden.shape[0] * hidden.shape[1] / self._token_scale()
             hidden = aux_losses.attach(hidden, aux_losses.in_loss_units(z, tokens, self.config))
         hidden = self.final_layernorm(hidden)
-        if self.mtp_head is not None and labels is not None:
+        if self.mtp_head is not None and labels is not None and self.training:
             hidden = self._attach_mtp_loss(input_ids, hidden, rotary, attention_mask, labels,
                                            loss_mask)
         logits, _ = self.output_layer(hidden)                          # [s, b, V/tp]

@@ -11,7 +11,6 @@ communication of both halves can then overlap with MLP0 + Attn1 + MLP1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from megatron.core.models.backends import LocalSpecProvider

@@ -89,6 +89,42 @@ def row_owner(rows: Tensor, total_rows: int, parts: int) -> Tensor:
     return torch.where(rows < big, rows // (base + 1), rem + (rows - big) // max(base, 1))
 
 
+class _TableLookup(torch.autograd.Function):
+    """``F.embedding(ids, table)`` whose backward, when megatron DDP has given the table a
+    ``main_grad`` buffer, adds the row gradients straight into it (O(tokens), like megatron's
+    gradient-accumulation fusion for linear layers) and hands autograd an empty sparse gradient
+    instead of a dense [rows, D] one. Without DDP it returns the ordinary dense gradient."""
+
+    @staticmethod
+    def forward(ctx, table, ids):
+        ctx.save_for_backward(ids)
+        ctx.table = table
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (ids,) = ctx.saved_tensors
+        table = ctx.table
+        flat_ids, flat_grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        main_grad = getattr(table, "main_grad", None)
+        if main_grad is not None and hasattr(table, "grad_added_to_main_grad"):
+            main_grad.index_add_(0, flat_ids, flat_grad.to(main_grad.dtype))
+            table.grad_added_to_main_grad = True
+            empty = torch.sparse_coo_tensor(
+                torch.zeros(1, 0, dtype=torch.int64, device=grad.device),
+                torch.zeros(0, table.shape[1], dtype=table.dtype, device=grad.device),
+                table.shape,
+                check_invariants=False,
+                is_coalesced=True,
+            )
+            return empty, None
+        dense = torch.zeros_like(table)
+        dense.index_add_(0, flat_ids, flat_grad.to(table.dtype))
+        return dense, None
+
+
 class NgramEmbedding(MegatronModule):
     """LongCat-Flash-Lite N-gram Embedding; see the module docstring for layout and sharding."""
 
@@ -252,10 +288,10 @@ class NgramEmbedding(MegatronModule):
         if self.shard_size > 1:
             outside = (rows < self.row_start) | (rows >= self.row_end)
             local = torch.where(outside, torch.zeros_like(rows), rows - self.row_start)
-            emb = F.embedding(local, self.ngram_tables)
+            emb = _TableLookup.apply(self.ngram_tables, local)
             emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
         else:
-            emb = F.embedding(rows, self.ngram_tables)
+            emb = _TableLookup.apply(self.ngram_tables, rows)
         emb = emb.reshape(s, b, t * self.table_width)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(emb, group=self.tp_group)
@@ -274,7 +310,7 @@ class NgramEmbedding(MegatronModule):
         s, b, t = rows.shape
         uniq, inverse = torch.unique(rows.reshape(-1), sorted=True, return_inverse=True)
         if self.shard_size == 1:
-            got = F.embedding(uniq, self.ngram_tables)
+            got = _TableLookup.apply(self.ngram_tables, uniq)
         else:
             owner = row_owner(uniq, self.total_rows, self.shard_size)
             send = torch.bincount(owner, minlength=self.shard_size)
@@ -283,7 +319,7 @@ class NgramEmbedding(MegatronModule):
             send_l, recv_l = send.tolist(), recv.tolist()
             asked = uniq.new_empty(sum(recv_l))
             dist.all_to_all_single(asked, uniq, recv_l, send_l, group=self.shard_group)
-            served = F.embedding(asked - self.row_start, self.ngram_tables)
+            served = _TableLookup.apply(self.ngram_tables, asked - self.row_start)
             got = all_to_all(self.shard_group, served, send_l, recv_l)
         emb = got.index_select(0, inverse).view(s, b, t * self.table_width)
         if tp > 1 and not self.sequence_parallel:

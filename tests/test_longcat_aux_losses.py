@@ -1,0 +1,46 @@
+"""Auxiliary-loss formulas against direct per-token computations (reference §3.3, §3.7)."""
+
+import math
+
+import torch
+
+from longcat_megatron.model.aux_losses import device_load_balance_loss, hidden_z_loss
+
+
+def test_hidden_z_loss_formula():
+    h = torch.randn(5, 3, 7)
+    want = 0.0
+    for t in h.reshape(-1, 7):
+        want += math.log(sum(math.exp(abs(float(v))) for v in t)) ** 2
+    want = 1e-3 * want / 15
+    assert math.isclose(float(hidden_z_loss(h, 1e-3, 1.0)), want, rel_tol=1e-5)
+    # A sequence shard of 1/2 of the tokens contributes half of its own mean.
+    assert math.isclose(float(hidden_z_loss(h, 1e-3, 0.5)), want / 2, rel_tol=1e-5)
+
+
+def test_device_load_balance_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    n, z, k, groups, k_e = 6, 3, 4, 3, 2.0
+    scores = torch.softmax(torch.randn(10, n + z, generator=g), dim=-1)
+    picked = torch.topk(scores, k, dim=-1)[1]
+    sel = torch.zeros_like(scores).scatter(1, picked, 1.0)
+    picks = sel.sum(0)
+    t = 10.0
+    want = 0.0
+    size = n // groups
+    for j in range(groups):
+        members = range(j * size, (j + 1) * size)
+        f = groups / (k_e * t) * sum(float(sel[:, i].sum()) for i in members)
+        p = sum(float(scores[:, i].sum()) for i in members) / t
+        want += f * p
+    f_zero = float(sel[:, n:].sum()) / ((k - k_e) * t)
+    p_zero = float(scores[:, n:].sum()) / t
+    want = 0.01 * (want + f_zero * p_zero)
+    got = device_load_balance_loss(scores, picks, num_ffn=n, groups=groups, topk=k, target=k_e,
+                                   global_tokens=t, coeff=0.01)
+    assert math.isclose(float(got), want, rel_tol=1e-6)
+    # Gradient flows to the scores only (the pick counts are constants).
+    s = scores.clone().requires_grad_(True)
+    device_load_balance_loss(s, picks, num_ffn=n, groups=groups, topk=k, target=k_e,
+                             global_tokens=t, coeff=0.01).backward()
+    assert s.grad is not None and float(s.grad.abs().sum()) > 0
