@@ -113,15 +113,48 @@ def _unshare_step(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def _flatten_chained(loaded: dict, optimizer) -> dict:
-    """A checkpoint saved with a chained (dense + expert) optimizer loaded into a single one (EP>1
-    -> EP=1): merge its nested ``{0: ..., 1: ...}`` common part."""
-    if 0 in loaded and len(_optimizers(optimizer)) == 1:
-        merged = dict(loaded[0])
-        for k in [k for k in loaded if isinstance(k, int)]:
-            del loaded[k]
-        loaded.update(merged)
-    return loaded
+def _param_group_union(commons: list) -> list:
+    """All saved param groups, plus copies with ``is_expert_parallel`` flipped, so that optimizers
+    of another EP layout find their groups by megatron's identifier keys (originals win)."""
+    groups = [g for c in commons for g in c["optimizer"]["param_groups"]]
+    flipped = [{**g, "is_expert_parallel": not g["is_expert_parallel"]}
+               for g in groups if "is_expert_parallel" in g]
+    return flipped + groups
+
+
+def _adapt_chained(loaded: dict, optimizer) -> dict:
+    """Reconcile the optimizer's common state with a checkpoint saved with another number of chained
+    optimizers (megatron makes a separate expert optimizer only when EP > 1).
+
+    After ``dist_checkpointing.load`` the dict holds the *saved* common part (flat for one optimizer,
+    ``{0: .., 1: ..}`` for chained ones) merged with the *template's* sharded tensors. The tensor keys
+    match across layouts (fully-reshardable format without chained prefixes); only the common part
+    (param groups, sharding type) needs reshaping.
+    """
+    subs = _optimizers(optimizer)
+    int_keys = sorted(k for k in loaded if isinstance(k, int))
+    flat = {k: v for k, v in loaded.items() if not isinstance(k, int)}
+    saved_chained = [loaded[k] for k in int_keys if "optimizer" in loaded[k]]
+    commons = saved_chained or ([flat] if "optimizer" in flat else [])
+    if len(subs) == 1:
+        if not int_keys:
+            return loaded  # same layout
+        out = dict(flat)
+        base = commons[0]
+        out["param_state_sharding_type"] = base.get("param_state_sharding_type")
+        out["optimizer"] = {**base["optimizer"], "param_groups": _param_group_union(commons)}
+        return out
+    if "optimizer" not in flat:
+        return loaded  # same layout
+    groups = _param_group_union(commons)
+    out = {}
+    for i in range(len(subs)):
+        sub = dict(loaded.get(i, {}))
+        for k, v in flat.items():
+            sub.setdefault(k, v)
+        sub["optimizer"] = {**sub["optimizer"], "param_groups": groups}
+        out[i] = sub
+    return out
 
 
 def _optimizer_metadata(fully_reshardable: bool) -> dict:
@@ -353,7 +386,7 @@ def load_checkpoint(
         for i, chunk in enumerate(model_chunks):
             _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if restore_optimizer:
-        optimizer.load_state_dict(_flatten_chained(loaded["optimizer"], optimizer))
+        optimizer.load_state_dict(_adapt_chained(loaded["optimizer"], optimizer))
         _unshare_step(optimizer)
         if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
