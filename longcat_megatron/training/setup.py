@@ -51,6 +51,11 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
         chunks.append(chunk)
     if use_cuda():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    if tf.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        # bf16 weights and activations; fp32 main params live in the optimizer (as Megatron-LM).
+        chunks = [Float16Module(tf, c) for c in chunks]
     if not wrap_ddp:
         return chunks
     ddp_cfg = DistributedDataParallelConfig(
