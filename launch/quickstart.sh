@@ -3,7 +3,8 @@
 #   1. set up the virtual environment (idempotent),
 #   2. build a tiny corpus + BPE tokenizer from text shipped with Python and tokenize it to a
 #      megatron-core indexed dataset (data_tools, skipped when already done),
-#   3. train the tiny model on 2 gloo processes with tensor parallelism 2, saving checkpoints,
+#   3. train the tiny LongCat model on 4 gloo processes (tensor parallel 2 x expert parallel 2),
+#      saving checkpoints,
 #   4. export the last checkpoint to a Hugging Face directory,
 #   5. print where everything is and how the loss went.
 # Run it again with more steps and it resumes from the last checkpoint:
@@ -15,7 +16,7 @@ cd "$ROOT"
 source launch/setup_env.sh
 
 RUN="${RUN:-runs/quickstart}"
-NPROC="${NPROC:-2}"
+NPROC="${NPROC:-4}"
 STEPS="${STEPS:-200}"
 CONFIG="${CONFIG:-configs/quickstart.yaml}"
 DATA="$RUN/data"
