@@ -124,7 +124,8 @@ def check_ngram_rules(
         warn(RULE_NEAR_VOCAB_MULTIPLE,
              f"sub-table {idx} has M={mod:,} rows, {dist:,} ({dist / vocab:.3%} of V) from "
              f"{mult}*V={mult * vocab:,}; 2-gram collisions spike near integer multiples of the base "
-             f"vocabulary. A ratio with a fractional part near .5 (e.g. {int(ngram_cfg.ngram_vocab_size_ratio)}.5) "
+             "vocabulary. A ratio with a fractional part near .5 (e.g. "
+             f"{int(ngram_cfg.ngram_vocab_size_ratio)}.5) "
              "avoids it; released LongCat-Flash-Lite checkpoints use ratio 78 and need it unchanged")
 
     if ngram_cfg.emb_neighbor_num == 2 or ngram_cfg.emb_split_num == 1:
