@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from longcat_megatron.errors import UserInputError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(UserInputError):
     """Invalid model hyper-parameters; the message names the field."""
 
 

@@ -8,6 +8,8 @@ work and returns warnings (strings starting with ``[rule-name]``) that ``silence
 
 from __future__ import annotations
 
+from longcat_megatron.errors import UserInputError
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,7 +29,7 @@ RULES = (RULE_PARAMS_OVER_HALF, RULE_NEAR_VOCAB_MULTIPLE, RULE_WEAK_SHAPE)
 NEAR_MULTIPLE_FRACTION = 0.05
 
 
-class NgramConfigError(ValueError):
+class NgramConfigError(UserInputError):
     """Invalid N-gram Embedding configuration; the message names the field and the fix."""
 
 
