@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/tiny_longcat.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import socket
@@ -87,10 +88,24 @@ def main(argv=None) -> int:
             if step >= 2:
                 times[name].append(time.perf_counter() - t0)
     lc, gp = statistics.median(times["longcat"]), statistics.median(times["gpt"])
-    print(f"activated params/token: LongCat {target / 1e6:.3f}M at k={k} FFN experts, "
-          f"GPT {gpt_active / 1e6:.3f}M ({gcfg.num_layers} layers, ffn {gcfg.ffn_hidden_size})")
-    print(f"step time (median of {args.steps}, batch {args.batch} x seq {seq}, 1 process, fp32): "
-          f"LongCat {lc * 1e3:.1f} ms, GPT {gp * 1e3:.1f} ms, ratio LongCat/GPT {lc / gp:.2f}")
+    table = "\n".join([
+        f"Command: `python bench/model_step.py --config {args.config} --steps {args.steps} "
+        f"--batch {args.batch}`; one process, fp32, batch {args.batch} x seq {seq}, forward + "
+        f"backward + Adam, median of {args.steps} interleaved steps.",
+        "",
+        "| model | activated params/token | step ms |",
+        "|---|---|---|",
+        f"| tiny LongCat (k={k} FFN experts) | {target / 1e6:.3f}M | {lc * 1e3:.1f} |",
+        f"| megatron GPT ({gcfg.num_layers} layers, ffn {gcfg.ffn_hidden_size}) | "
+        f"{gpt_active / 1e6:.3f}M | {gp * 1e3:.1f} |",
+        "",
+        f"Ratio LongCat / GPT: **{lc / gp:.2f}**",
+    ])
+    print(table)
+    if not args.no_write:
+        from bench.report import append_section
+
+        print("appended to", append_section("Model step: tiny LongCat vs megatron GPT", table))
     runtime.shutdown()
     return 0
 
