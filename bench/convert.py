@@ -1,0 +1,148 @@
+"""Conversion throughput and peak memory, both directions, on a synthetic LongCat checkpoint.
+
+    python bench/convert.py [--hidden 2048] [--experts 32] [--layers 4] [--workdir DIR] [--keep]
+
+1. builds a random LongCat model at the given size in one process and saves it with the training
+   loop's checkpoint writer (a real torch_dist checkpoint, fp32);
+2. ``to_hf`` in a fresh process: seconds, GB/s, peak RSS;
+3. ``from_hf --tp 1`` of that output in a fresh process: seconds, GB/s, peak RSS (max over the
+   process and its ranks);
+4. the RSS of a process that only imports the same libraries (the floor).
+
+Prints a markdown table (append it to docs/benchmarks.md by hand or with --append).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_BUILD = r"""
+import json, os, sys, torch
+sys.path.insert(0, {root!r})
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29533")
+from longcat_megatron import runtime
+from longcat_megatron.config import RunConfig, save_config
+from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.factory import build_model_chunk, transformer_config
+from longcat_megatron.training.checkpointing import TrainState, save_checkpoint
+cfg = ModelConfig(**json.loads({cfg!r}))
+runtime.initialize(num_experts=cfg.num_experts)
+model = build_model_chunk(cfg, transformer_config(cfg), pre_process=True, post_process=True)
+n = sum(p.numel() * p.element_size() for p in model.parameters())
+save_checkpoint({ckpt!r}, [model], None, None, TrainState(iteration=1),
+                config_yaml_writer=lambda p: save_config(RunConfig(model=cfg), p))
+print(json.dumps({{"bytes": n}}))
+"""
+
+_IMPORTS_ONLY = r"""
+import sys; sys.path.insert(0, {root!r})
+import torch, transformers, megatron.core, safetensors, ckpt_convert.to_hf, ckpt_convert.from_hf
+"""
+
+
+def bench_config(hidden: int, experts: int, layers: int, vocab: int) -> dict:
+    return dict(arch="longcat", num_layers=layers, hidden_size=hidden, num_attention_heads=16,
+                ffn_hidden_size=2 * hidden, vocab_size=vocab, num_experts=experts,
+                zero_expert_num=experts // 2, moe_router_topk=4, moe_ffn_hidden_size=hidden // 4,
+                q_lora_rank=hidden // 4, kv_lora_rank=hidden // 8, qk_nope_head_dim=64,
+                qk_rope_head_dim=32, v_head_dim=64, mtp_num_layers=1, max_position_embeddings=4096)
+
+
+def run_measured(cmd: list, env: dict) -> tuple[float, int, str]:
+    """(seconds, peak RSS bytes of the command and its descendants, stdout)."""
+    script = ("import resource, subprocess, sys, time, json\n"
+              "t = time.perf_counter()\n"
+              f"p = subprocess.run({cmd!r}, capture_output=True, text=True)\n"
+              "dt = time.perf_counter() - t\n"
+              "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
+              "sys.stderr.write(p.stderr[-3000:] if p.returncode else '')\n"
+              "print(json.dumps({'rc': p.returncode, 's': dt, 'rss': rss, 'out': p.stdout[-2000:]}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if res["rc"]:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    return res["s"], res["rss"], res["out"]
+
+
+def conversion_seconds(stdout: str) -> float:
+    """The seconds the CLI itself reports ('... in 12.3s ...'), i.e. without interpreter start-up."""
+    import re
+
+    m = re.search(r" in ([0-9.]+)s", stdout)
+    if not m:
+        raise RuntimeError(f"no timing in output: {stdout!r}")
+    return float(m.group(1))
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--append", action="store_true", help="append the table to docs/benchmarks.md")
+    args = p.parse_args()
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=ROOT, TORCHDYNAMO_DISABLE="1")
+    ckpt, hf_dir, back = (os.path.join(work, n) for n in ("ckpt", "hf", "back"))
+    cfg = bench_config(args.hidden, args.experts, args.layers, args.vocab)
+    try:
+        t = time.perf_counter()
+        build = subprocess.run([sys.executable, "-c", _BUILD.format(root=ROOT, cfg=json.dumps(cfg), ckpt=ckpt)],
+                               capture_output=True, text=True, env=env)
+        if build.returncode:
+            raise RuntimeError(build.stderr[-3000:])
+        print(f"built synthetic checkpoint in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        ckpt_bytes = dir_bytes(ckpt)
+        _, floor, _ = run_measured([sys.executable, "-c", _IMPORTS_ONLY.format(root=ROOT)], env)
+        w_to, rss_to, out_to = run_measured([sys.executable, "-m", "ckpt_convert.to_hf", "--load", ckpt,
+                                        "--output", hf_dir, "--no-progress", "--max-shard-size", "1GB"], env)
+        hf_bytes = dir_bytes(hf_dir)
+        w_from, rss_from, out_from = run_measured([sys.executable, "-m", "ckpt_convert.from_hf", "--hf", hf_dir,
+                                            "--save", back, "--tp", "1"], env)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    s_to, s_from = conversion_seconds(out_to), conversion_seconds(out_from)
+    gb = 1e9
+    rows = [
+        "| direction | data | conversion s | GB/s | wall s (incl. imports) | peak RSS | peak RSS / data |",
+        "|---|---|---|---|---|---|---|",
+        f"| megatron → HF (`to_hf`, 1 process) | {ckpt_bytes / gb:.2f} GB | {s_to:.1f} | "
+        f"{hf_bytes / gb / s_to:.2f} | {w_to:.1f} | {rss_to / gb:.2f} GB | {rss_to / ckpt_bytes:.2f} |",
+        f"| HF → megatron (`from_hf`, streaming, 1 process) | {hf_bytes / gb:.2f} GB | {s_from:.1f} | "
+        f"{hf_bytes / gb / s_from:.2f} | {w_from:.1f} | {rss_from / gb:.2f} GB | {rss_from / hf_bytes:.2f} |",
+        f"| (imports only: RSS floor) | | | | | {floor / gb:.2f} GB | |",
+    ]
+    header = (f"\n### Checkpoint conversion (bench/convert.py; hidden {args.hidden}, {args.layers} layers, "
+              f"{args.experts}+{args.experts // 2} experts, vocab {args.vocab}, fp32, "
+              f"{os.cpu_count()} CPU cores)\n\n")
+    table = header + "\n".join(rows) + "\n"
+    print(table)
+    if args.append:
+        with open(os.path.join(ROOT, "docs", "benchmarks.md"), "a") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

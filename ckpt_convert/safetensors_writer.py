@@ -1,0 +1,150 @@
+"""Streaming writer of sharded safetensors files plus ``model.safetensors.index.json``.
+
+The caller declares every tensor (name, shape, dtype) up front; the writer assigns them to shards of
+at most ``max_shard_bytes`` and writes each shard's header first, then streams tensor bytes in the
+declared order as they arrive. Only the tensor being written is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ckpt_convert import ConversionError
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPES[torch.float8_e4m3fn] = "F8_E4M3"
+    _DTYPES[torch.float8_e5m2] = "F8_E5M2"
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_size(text: str) -> int:
+    """``'5GB'`` / ``'500MB'`` / ``'1024'`` -> bytes (decimal units, like transformers)."""
+    t = str(text).strip().upper()
+    for suffix, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                         ("KB", 10**3), ("B", 1)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(t)
+
+
+def _shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+class ShardedSafetensorsWriter:
+    """Write declared tensors, in declared order, into ``out_dir`` as sharded safetensors."""
+
+    def __init__(self, out_dir: str, specs: Sequence[TensorSpec], max_shard_bytes: int = 5 * 10**9,
+                 progress=None):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})[0]
+            raise ConversionError(f"tensor '{dup}' is declared twice")
+        for s in specs:
+            if s.dtype not in _DTYPES:
+                raise ConversionError(f"tensor '{s.name}': dtype {s.dtype} cannot be stored in safetensors")
+        self.out_dir = out_dir
+        self.shards = _shard_plan(list(specs), max_shard_bytes)
+        n = len(self.shards)
+        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(si, spec) for si, shard in enumerate(self.shards) for spec in shard]
+        self._pos = 0
+        self._fh = None
+        self._shard = -1
+        self.progress = progress
+        self.total_bytes = sum(s.nbytes for s in specs)
+
+    def _open_shard(self, si: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for spec in self.shards[si]:
+            header[spec.name] = {
+                "dtype": _DTYPES[spec.dtype], "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(os.path.join(self.out_dir, self.files[si]), "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._shard = si
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must be the next declared one, with the declared shape/dtype."""
+        if self._pos >= len(self._order):
+            raise ConversionError(f"tensor '{name}' was not declared (all declared tensors are written)")
+        si, spec = self._order[self._pos]
+        if name != spec.name:
+            raise ConversionError(f"expected tensor '{spec.name}' next, got '{name}'")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ConversionError(
+                f"tensor '{name}': got {tuple(tensor.shape)} {tensor.dtype}, declared {spec.shape} {spec.dtype}"
+            )
+        if si != self._shard:
+            self._open_shard(si)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(data.numpy()))
+        self._pos += 1
+        if self.progress is not None:
+            self.progress.update(spec.nbytes)
+
+    def finish(self) -> str:
+        """Close the last shard and write ``model.safetensors.index.json``; return its path."""
+        if self._pos != len(self._order):
+            missing = self._order[self._pos][1].name
+            raise ConversionError(f"tensor '{missing}' was declared but never written")
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if not self._order:
+            raise ConversionError("no tensors to write")
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": {spec.name: self.files[si] for si, spec in self._order},
+        }
+        path = os.path.join(self.out_dir, INDEX_NAME)
+        with open(path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        return path
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

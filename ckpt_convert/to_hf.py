@@ -1,0 +1,228 @@
+"""Export a megatron-core torch_dist LongCat checkpoint to a Hugging Face model directory.
+
+    python -m ckpt_convert.to_hf --load CKPT_DIR [--iteration N] --output HF_DIR \\
+        [--tokenizer DIR] [--dtype auto|bf16|fp16|fp32] [--max-shard-size 5GB] [--verify]
+
+Runs on one CPU process with no process group, whatever TP/PP/EP/DP layout saved the checkpoint:
+every tensor is assembled from the shards that hold it, one tensor (one expert) at a time, and
+streamed into sharded safetensors. The output appears only when complete (temporary directory +
+rename). See docs/convert.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ckpt_convert import ConversionError
+from ckpt_convert.dcp_reader import TorchDistReader, resolve_checkpoint_dir
+from ckpt_convert.layout import CheckpointLocator, conversion_rules, zero_expert_hf_keys
+from ckpt_convert.output_dir import atomic_output_dir
+from ckpt_convert.safetensors_writer import ShardedSafetensorsWriter, TensorSpec, parse_size
+
+RUN_CONFIG = "run_config.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ExportItem:
+    spec: TensorSpec
+    produce: Callable[[], torch.Tensor]
+
+
+def load_model_config(iter_dir: str):
+    """The ModelConfig saved next to the checkpoint (``run_config.yaml``'s model section)."""
+    import yaml
+
+    from longcat_megatron.config import ConfigError, _build
+    from longcat_megatron.model.config import ModelConfig
+
+    path = os.path.join(iter_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise ConversionError(f"'{path}' is missing: the converter needs the run config saved with "
+                              "the checkpoint to know the model shape")
+    tree = yaml.safe_load(open(path)) or {}
+    try:
+        cfg = _build(ModelConfig, tree.get("model") or {}, "model")
+        cfg.validate()
+    except (ConfigError, ValueError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+    return cfg
+
+
+def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype],
+                zero_expert_weights: bool) -> list[ExportItem]:
+    """Every HF tensor to write, with its shape/dtype and a function that reads it (lazily)."""
+    items: list[ExportItem] = []
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+    def out_dtype(src: torch.dtype) -> torch.dtype:
+        return src if dtype is None or not src.is_floating_point else dtype
+
+    for rule in conversion_rules(cfg):
+        key, index = locator.require(rule.full, rule.hf[0])
+        info = locator.reader.info(key)
+        shape = info.shape[len(index):]
+        if rule.kind == "gate_up":
+            if shape[0] % 2:
+                raise ConversionError(f"'{rule.full}' has {shape[0]} rows; a SwiGLU fc1 needs an even count")
+            half = shape[0] // 2
+            for part, hf_key in enumerate(rule.hf):
+                items.append(ExportItem(
+                    TensorSpec(hf_key, (half, *shape[1:]), out_dtype(info.dtype)),
+                    lambda f=rule.full, s=part * half, n=half: cast(locator.read_rows(f, s, n))))
+        elif rule.kind == "rows":
+            if rule.row_start + rule.rows > shape[0]:
+                raise ConversionError(f"'{rule.full}' has {shape[0]} rows, the config needs "
+                                      f"{rule.row_start + rule.rows} (N-gram sizes disagree)")
+            items.append(ExportItem(
+                TensorSpec(rule.hf[0], (rule.rows, *shape[1:]), out_dtype(info.dtype)),
+                lambda f=rule.full, s=rule.row_start, n=rule.rows: cast(locator.read_rows(f, s, n))))
+        else:
+            items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), out_dtype(info.dtype)),
+                                    lambda f=rule.full: cast(locator.read(f))))
+    _check_shapes(items, cfg, locator.reader.path)
+    if zero_expert_weights and getattr(cfg, "ngram", None) is None:
+        by_name = {it.spec.name: it.spec for it in items}
+        for hf_key in zero_expert_hf_keys(cfg):
+            m = re.match(r"^(.*\.experts)\.\d+\.(\w+)\.weight$", hf_key)
+            ref = by_name[f"{m[1]}.0.{m[2]}.weight"]
+            items.append(ExportItem(TensorSpec(hf_key, ref.shape, ref.dtype),
+                                    lambda s=ref.shape, d=ref.dtype: torch.zeros(s, dtype=d)))
+    unused = locator.unused_model_keys()
+    if unused:
+        raise ConversionError(
+            f"checkpoint '{locator.reader.path}' holds {len(unused)} tensor(s) the converter does not "
+            f"know, e.g. '{unused[0]}'; the model config (run_config.yaml) does not describe them"
+        )
+    return items
+
+
+def _check_shapes(items: list[ExportItem], cfg, path: str) -> None:
+    """The shapes the HF config will promise == the shapes found in the checkpoint."""
+    want = {
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        "lm_head.weight": (cfg.vocab_size, cfg.hidden_size),
+        "model.layers.0.mlp.router.classifier.weight": (cfg.num_experts + cfg.zero_expert_num, cfg.hidden_size),
+        "model.layers.0.mlp.experts.0.gate_proj.weight": (cfg.moe_ffn_hidden_size, cfg.hidden_size),
+        "model.layers.0.mlps.0.gate_proj.weight": (cfg.ffn_hidden_size, cfg.hidden_size),
+    }
+    for it in items:
+        if it.spec.name in want and it.spec.shape != want[it.spec.name]:
+            raise ConversionError(f"checkpoint '{path}': '{it.spec.name}' has shape {it.spec.shape}, "
+                                  f"run_config.yaml implies {want[it.spec.name]}")
+
+
+def copy_tokenizer(src: str, out_dir: str) -> list[str]:
+    if not os.path.isdir(src):
+        raise ConversionError(f"--tokenizer '{src}' is not a directory")
+    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    if not copied:
+        raise ConversionError(f"--tokenizer '{src}' holds none of {', '.join(TOKENIZER_FILES)}")
+    for name in copied:
+        shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
+    return copied
+
+
+def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenizer: Optional[str] = None,
+            dtype: str = "auto", max_shard_size: str = "5GB", zero_expert_weights: bool = True,
+            overwrite: bool = False, progress: bool = True, bos_token_id: int = 1,
+            eos_token_id: int = 2) -> dict:
+    """Export; returns a summary (bytes, seconds, files). Raises ConversionError on bad input."""
+    from tqdm import tqdm
+
+    from ckpt_convert.hf_config import write_hf_config
+
+    iter_dir, it = resolve_checkpoint_dir(load, iteration)
+    cfg = load_model_config(iter_dir)
+    reader = TorchDistReader(iter_dir)
+    locator = CheckpointLocator(reader)
+    cast = DTYPES.get(dtype) if dtype != "auto" else None
+    if dtype != "auto" and cast is None:
+        raise ConversionError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32")
+    items = plan_export(locator, cfg, dtype=cast, zero_expert_weights=zero_expert_weights)
+    total = sum(i.spec.nbytes for i in items)
+    first_float = next(i.spec.dtype for i in items if i.spec.dtype.is_floating_point)
+    dtype_name = str(first_float).replace("torch.", "")
+    start = time.perf_counter()
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="to_hf",
+                   disable=not progress, file=sys.stderr)
+        writer = ShardedSafetensorsWriter(tmp, [i.spec for i in items], parse_size(max_shard_size), bar)
+        try:
+            for item in items:
+                writer.write(item.spec.name, item.produce())
+            writer.finish()
+        finally:
+            writer.close()
+            bar.close()
+        write_hf_config(tmp, cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id, dtype=dtype_name)
+        if tokenizer:
+            copy_tokenizer(tokenizer, tmp)
+    seconds = time.perf_counter() - start
+    return {"iteration": it, "bytes": total, "seconds": seconds, "tensors": len(items),
+            "files": len(writer.files), "output": os.path.abspath(output)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m ckpt_convert.to_hf",
+        description="Convert a megatron-core torch_dist LongCat checkpoint (any TP/PP/EP/DP layout) "
+                    "into a Hugging Face directory, on one CPU process, streaming one tensor at a time.")
+    p.add_argument("--load", required=True, help="training --save directory (with "
+                   "latest_checkpointed_iteration.txt) or one iter_NNNNNNN directory")
+    p.add_argument("--iteration", type=int, help="iteration to export (default: the latest committed)")
+    p.add_argument("--output", required=True, help="HF directory to create (must not exist unless --overwrite)")
+    p.add_argument("--tokenizer", help="directory whose tokenizer files are copied into the output")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="cast floating tensors (default: keep the checkpoint's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    p.add_argument("--no-zero-expert-weights", action="store_true",
+                   help="plain models: omit the unused zero-expert gate/up tensors that transformers 5.x "
+                        "LongcatFlashForCausalLM requires (gives Meituan's exact layout)")
+    p.add_argument("--bos-token-id", type=int, default=1)
+    p.add_argument("--eos-token-id", type=int, default=2,
+                   help="eos for config.json (N-gram models use model.ngram.eos_token_id)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output at the end")
+    p.add_argument("--verify", action="store_true",
+                   help="after export, load both sides and compare logits on fixed prompts "
+                        "(needs memory for the whole model twice; for small/medium models)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        summary = convert(args.load, args.output, iteration=args.iteration, tokenizer=args.tokenizer,
+                          dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          zero_expert_weights=not args.no_zero_expert_weights, overwrite=args.overwrite,
+                          progress=not args.no_progress, bos_token_id=args.bos_token_id,
+                          eos_token_id=args.eos_token_id)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gbs = summary["bytes"] / max(summary["seconds"], 1e-9) / 1e9
+    print(f"wrote {summary['tensors']} tensors ({summary['bytes'] / 1e9:.3f} GB, {summary['files']} "
+          f"file(s)) from iteration {summary['iteration']} to {summary['output']} in "
+          f"{summary['seconds']:.1f}s ({gbs:.2f} GB/s)")
+    if args.verify:
+        from ckpt_convert.verify import verify_export
+
+        report = verify_export(args.load, args.output, iteration=summary["iteration"])
+        print(report.describe())
+        if not report.ok:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
