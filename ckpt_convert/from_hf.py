@@ -189,7 +189,7 @@ def import_model_config(reader: HFCheckpointReader, overrides: Optional[list[str
     """ModelConfig from config.json plus ``field=value`` overrides of training-only fields
     (budget controller, aux losses, dispatcher ...); shape fields come from the HF config only."""
     from ckpt_convert.hf_config import model_config_from_hf
-    from longcat_megatron.config import ConfigError, _build, parse_override, to_dict
+    from longcat_megatron.config import ConfigError, build_section, parse_override, to_dict
     from longcat_megatron.model.config import ModelConfig
 
     source = os.path.join(reader.path, "config.json")
@@ -205,7 +205,7 @@ def import_model_config(reader: HFCheckpointReader, overrides: Optional[list[str
             node = node.setdefault(name, {}) if isinstance(node, dict) else node
         node[leaf] = value
     try:
-        new = _build(ModelConfig, tree, "model")
+        new = build_section(ModelConfig, tree, "model")
         new.validate()
     except (ConfigError, ValueError) as e:
         raise ConversionError(f"--model-override: {e}") from None
@@ -224,7 +224,7 @@ def _rank_import(hf_dir: str, save_root: str, tp: int, pp: int, ep: int, run_con
     from megatron.core import parallel_state as ps
 
     from longcat_megatron import runtime
-    from longcat_megatron.config import RunConfig, _build, save_config
+    from longcat_megatron.config import RunConfig, build_section, save_config
     from longcat_megatron.model.factory import build_model_chunk, transformer_config
     from longcat_megatron.training.checkpointing import TrainState, save_checkpoint
 
@@ -236,7 +236,7 @@ def _rank_import(hf_dir: str, save_root: str, tp: int, pp: int, ep: int, run_con
     model = build_model_chunk(cfg, tfc, pre_process=ps.is_pipeline_first_stage(),
                               post_process=ps.is_pipeline_last_stage())
     filled = _fill_from_hf(model, HFSource(reader, cfg))
-    run_cfg = _build(RunConfig, run_config_tree, "")
+    run_cfg = build_section(RunConfig, run_config_tree, "")
     run_cfg.model = cfg
     save_checkpoint(save_root, [model], None, None, TrainState(iteration=0),
                     config_yaml_writer=lambda path: save_config(run_cfg, path))
@@ -256,12 +256,12 @@ def _save_skeleton(model_tree: dict, root: str) -> bool:
     It supplies everything of a checkpoint that is not a weight: the key set, megatron's
     ``_extra_state`` objects, common.pt, metadata.json and the budget-controller state."""
     from longcat_megatron import runtime
-    from longcat_megatron.config import RunConfig, _build, save_config
+    from longcat_megatron.config import RunConfig, build_section, save_config
     from longcat_megatron.model.config import ModelConfig
     from longcat_megatron.model.factory import build_model_chunk, transformer_config
     from longcat_megatron.training.checkpointing import TrainState, save_checkpoint
 
-    cfg = _build(ModelConfig, model_tree, "model")
+    cfg = build_section(ModelConfig, model_tree, "model")
     runtime.initialize(num_experts=cfg.num_experts)
     model = build_model_chunk(cfg, transformer_config(cfg), pre_process=True, post_process=True)
     save_checkpoint(root, [model], None, None, TrainState(iteration=0),
@@ -347,7 +347,7 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
     from tqdm import tqdm
 
     from ckpt_convert.parallel_launch import launch
-    from longcat_megatron.config import RunConfig, _build, save_config
+    from longcat_megatron.config import RunConfig, build_section, save_config
     from longcat_megatron.training.checkpointing import CONFIG_NAME, TRACKER, iteration_dir
 
     reader = HFCheckpointReader(hf_dir)
@@ -378,7 +378,7 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
                     filled = write_direct(reader, cfg, iteration_dir(skeleton, 0), iteration_dir(tmp, 0), bar)
             finally:
                 shutil.rmtree(skeleton, ignore_errors=True)
-            run_cfg = _build(RunConfig, tree, "")
+            run_cfg = build_section(RunConfig, tree, "")
             run_cfg.model = cfg
             save_config(run_cfg, os.path.join(iteration_dir(tmp, 0), CONFIG_NAME))
             with open(os.path.join(tmp, TRACKER), "w") as f:

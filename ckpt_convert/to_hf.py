@@ -44,7 +44,7 @@ def load_model_config(iter_dir: str):
     """The ModelConfig saved next to the checkpoint (``run_config.yaml``'s model section)."""
     import yaml
 
-    from longcat_megatron.config import ConfigError, _build
+    from longcat_megatron.config import ConfigError, build_section
     from longcat_megatron.model.config import ModelConfig
 
     path = os.path.join(iter_dir, RUN_CONFIG)
@@ -53,7 +53,7 @@ def load_model_config(iter_dir: str):
                               "the checkpoint to know the model shape")
     tree = yaml.safe_load(open(path)) or {}
     try:
-        cfg = _build(ModelConfig, tree.get("model") or {}, "model")
+        cfg = build_section(ModelConfig, tree.get("model") or {}, "model")
         cfg.validate()
     except (ConfigError, ValueError) as e:
         raise ConversionError(f"{path}: {e}") from None

@@ -209,6 +209,13 @@ def _build(cls, data: Any, where: str):
     return obj
 
 
+def build_section(cls, tree: Any, where: str = ""):
+    """Build the dataclass ``cls`` (a RunConfig or one of its sections) from a plain mapping with the
+    same field checks as :func:`load_config`, but without the run-level validation (data paths,
+    parallel sizes): for tools that read a saved ``run_config.yaml``."""
+    return _build(cls, tree, where)
+
+
 def to_dict(cfg) -> dict:
     """Plain nested dict of a config (YAML-serialisable)."""
     return dataclasses.asdict(cfg)
