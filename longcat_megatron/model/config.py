@@ -13,14 +13,20 @@ MoE), ``num_experts`` is ``n_routed_experts`` (FFN experts only), ``moe_router_t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 from longcat_megatron.errors import UserInputError
+from longcat_megatron.model.ngram_config import NgramConfig, check_ngram_rules
 
 
 class ModelConfigError(UserInputError):
     """Invalid model hyper-parameters; the message names the field."""
+
+
+class NgramRuleWarning(UserWarning):
+    """A sizing rule of the N-gram Embedding paper is not met (``model.ngram.silence`` mutes it)."""
 
 
 @dataclass
@@ -86,7 +92,9 @@ class ModelConfig:
     # Device-level load-balance loss: FFN experts in ``device_lb_groups`` groups + 1 zero group.
     device_lb_loss_coeff: float = 0.0
     device_lb_groups: int = 1
-    # (The N-gram Embedding section, ``ngram``, is added by its own module.)
+    # N-gram Embedding (LongCat-Flash-Lite) as the input embedding; None = plain token embedding.
+    # See longcat_megatron/model/ngram_config.py and docs/ngram.md.
+    ngram: Optional[NgramConfig] = None
 
     @property
     def qk_head_dim(self) -> int:
@@ -114,6 +122,19 @@ class ModelConfig:
             )
         if self.arch == "longcat":
             self._validate_longcat()
+        if self.ngram is not None:
+            self._validate_ngram()
+
+    def _validate_ngram(self) -> None:
+        """The paper's rules (``check_ngram_rules``): errors raise, warnings go to ``warnings.warn``
+        (muted per rule by ``ngram.silence``); the 50% budget rule uses the analytic total."""
+        if self.arch != "longcat":
+            raise ModelConfigError(f"model.ngram is set but model.arch={self.arch!r}: the N-gram "
+                                   "Embedding is only wired into arch: longcat (remove model.ngram)")
+        from longcat_megatron.model.summary import total_parameters
+
+        for message in check_ngram_rules(self.ngram, self, total_parameters(self)):
+            warnings.warn(message, NgramRuleWarning, stacklevel=2)
 
     def _validate_longcat(self) -> None:
         def need(cond: bool, msg: str) -> None:

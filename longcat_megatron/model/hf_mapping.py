@@ -8,6 +8,20 @@ Budget-controller state has no HF key: :func:`hf_to_megatron` starts it at zero.
 transformers 5.x keeps experts fused in memory (``gate_up_proj [N+Z, 2I, H]``, zero-expert rows
 unused, ``down_proj [N, H, I]``); :func:`to_transformers_memory_layout` converts the file layout to
 that for ``LongcatFlashForCausalLM.load_state_dict``.
+
+A rule's HF side is one key, or a tuple of keys whose tensors, concatenated along dim 0 in that
+order, give our tensor (:func:`row_splits` gives the row count of each part):
+
+* SwiGLU ``linear_fc1`` = cat[gate, up] (two equal halves);
+* with ``model.ngram`` (LongCat-Flash-Lite, ``model_type: longcat_flash_ngram``): our
+  ``embedding.ngram_tables [sum M_i, D]`` = cat over i of ``model.ngram_embeddings.embedders.{i}.weight
+  [M_i, D]``; sub-table i is rows ``[sum_{j<i} M_j, sum_{j<=i} M_j)`` (:func:`ngram_table_rows`, the
+  same ranges as ``NgramEmbedding.table_row_ranges()`` and the global rows of its sharded-checkpoint
+  tensor ``embedding.ngram_tables``). ``embedding.post_projs.{i}.weight [H, D]`` <->
+  ``model.ngram_embeddings.post_projs.{i}.weight``; the base table ``embedding.word_embeddings`` <->
+  ``model.embed_tokens`` (HF's ``ngram_embeddings.word_embeddings`` is the same module and is not
+  stored). The MTP head's own embedding stays ``model.mtp.embed_tokens``. Amplified N-gram
+  embeddings (``ngram.amplification`` other than ``none``) have no HF form and are refused.
 """
 
 from __future__ import annotations
@@ -33,14 +47,57 @@ def _attention_rules(ours: str, hf: str):
     return [(f"{ours}.{a}.weight", f"{hf}.{b}.weight") for a, b in _ATTN.items()]
 
 
-def key_rules(cfg: ModelConfig) -> list[tuple[str, str | tuple[str, str]]]:
-    """(our full-model key, HF key or (gate, up) pair of HF keys) for every tensor of the model
-    (N-gram tables excepted: they belong to the N-gram Embedding's own mapping)."""
+NGRAM_TABLES = "embedding.ngram_tables"
+
+
+def ngram_table_rows(cfg: ModelConfig) -> list[tuple[str, int, int]]:
+    """(HF sub-table key, first row, end row) of each sub-table inside our concatenated
+    ``embedding.ngram_tables``; empty without ``model.ngram``."""
+    if cfg.ngram is None:
+        return []
+    out, start = [], 0
+    for i, rows in enumerate(cfg.ngram.moduli(cfg.vocab_size)):
+        out.append((f"model.ngram_embeddings.embedders.{i}.weight", start, start + rows))
+        start += rows
+    return out
+
+
+def _ngram_rules(cfg: ModelConfig) -> list:
+    if cfg.ngram is None:
+        return []
+    rules: list = [(NGRAM_TABLES, tuple(key for key, _, _ in ngram_table_rows(cfg)))]
+    rules += [(f"embedding.post_projs.{i}.weight", f"model.ngram_embeddings.post_projs.{i}.weight")
+              for i in range(cfg.ngram.num_tables)]
+    return rules
+
+
+def row_splits(ours: str, rows: int, parts: int, cfg: ModelConfig) -> list[int]:
+    """Row counts of the ``parts`` HF tensors that make up our ``rows``-row tensor ``ours``."""
+    if ours == NGRAM_TABLES:
+        sizes = [end - start for _, start, end in ngram_table_rows(cfg)]
+    else:
+        sizes = [rows // parts] * parts
+    if sum(sizes) != rows or len(sizes) != parts:
+        raise ValueError(f"{ours!r} has {rows} rows; expected {sum(sizes)} in {parts} parts "
+                         "(model config and checkpoint disagree?)")
+    return sizes
+
+
+def _check_convertible(cfg: ModelConfig) -> None:
+    if cfg.ngram is not None and cfg.ngram.amplification != "none":
+        raise ValueError(f"model.ngram.amplification={cfg.ngram.amplification!r}: HF LongCat-Flash-"
+                         "Lite checkpoints have no embedding amplification; only 'none' converts")
+
+
+def key_rules(cfg: ModelConfig) -> list[tuple[str, str | tuple[str, ...]]]:
+    """(our full-model key, HF key or tuple of HF keys concatenated along rows) for every tensor
+    of the model, N-gram Embedding included (see the module docstring)."""
     rules: list = [
         ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
         ("final_layernorm.weight", "model.norm.weight"),
         ("output_layer.weight", "lm_head.weight"),
     ]
+    rules += _ngram_rules(cfg)
     for layer in range(cfg.num_layers):
         o, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
         for s in (0, 1):
@@ -90,6 +147,7 @@ def _tensor_state(sd: dict) -> dict:
 
 def megatron_to_hf(state: dict, cfg: ModelConfig) -> dict:
     """Our full state dict -> HF file-format tensors. Raises KeyError naming a missing key."""
+    _check_convertible(cfg)
     state = _tensor_state(state)
     out = {}
     for ours, hf in key_rules(cfg):
@@ -98,8 +156,8 @@ def megatron_to_hf(state: dict, cfg: ModelConfig) -> dict:
                            "and checkpoint disagree?)")
         t = state[ours]
         if isinstance(hf, tuple):
-            gate, up = torch.chunk(t, 2, dim=0)
-            out[hf[0]], out[hf[1]] = gate.clone(), up.clone()
+            parts = torch.split(t, row_splits(ours, t.shape[0], len(hf), cfg), dim=0)
+            out.update({key: part.clone() for key, part in zip(hf, parts)})
         else:
             out[hf] = t
     return out
@@ -107,13 +165,14 @@ def megatron_to_hf(state: dict, cfg: ModelConfig) -> dict:
 
 def hf_to_megatron(hf: dict, cfg: ModelConfig) -> dict:
     """HF file-format tensors -> our full state dict (controller state starts at zero)."""
+    _check_convertible(cfg)
     out = {}
     for ours, key in key_rules(cfg):
         keys = key if isinstance(key, tuple) else (key,)
         missing = [k for k in keys if k not in hf]
         if missing:
-            raise KeyError(f"hf_to_megatron: HF key {missing[0]!r} not found (is model.mtp_num_layers "
-                           "or the layer/expert count right for this checkpoint?)")
+            raise KeyError(f"hf_to_megatron: HF key {missing[0]!r} not found (is model.mtp_num_layers, "
+                           "model.ngram or the layer/expert count right for this checkpoint?)")
         out[ours] = torch.cat([hf[k] for k in keys], dim=0) if len(keys) > 1 else hf[keys[0]]
     if cfg.budget_target_ffn_experts is not None:
         for layer in range(cfg.num_layers):
@@ -165,14 +224,16 @@ def from_transformers_memory_layout(mem: dict, cfg: ModelConfig) -> dict:
 
 
 def hf_config_kwargs(cfg: ModelConfig) -> dict:
-    """``transformers.LongcatFlashConfig`` keyword arguments equal to ``cfg``."""
+    """``transformers.LongcatFlashConfig`` keyword arguments equal to ``cfg``; with ``model.ngram``
+    also ``model_type: longcat_flash_ngram`` and the N-gram fields of the released config
+    (``ngram_vocab_size_ratio``, ``emb_neighbor_num``, ``emb_split_num``)."""
     rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
     if cfg.rope_type == "yarn":
         rope = {"rope_type": "yarn", "rope_theta": cfg.rotary_base, "factor": cfg.yarn_factor,
                 "original_max_position_embeddings": cfg.yarn_original_max_position_embeddings,
                 "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow,
                 "mscale": cfg.yarn_mscale, "mscale_all_dim": cfg.yarn_mscale_all_dim}
-    return dict(
+    kwargs = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size,
         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_epsilon,
@@ -184,3 +245,10 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict:
         routed_scaling_factor=cfg.routed_scaling_factor, rope_parameters=rope,
         tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
     )
+    if cfg.ngram is not None:
+        ratio = cfg.ngram.ngram_vocab_size_ratio
+        kwargs.update(model_type="longcat_flash_ngram",
+                      ngram_vocab_size_ratio=int(ratio) if float(ratio).is_integer() else ratio,
+                      emb_neighbor_num=cfg.ngram.emb_neighbor_num,
+                      emb_split_num=cfg.ngram.emb_split_num)
+    return kwargs

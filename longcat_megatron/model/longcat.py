@@ -6,6 +6,13 @@ logits ``[b, s, V]`` otherwise, and hidden states ``[s(/tp), b, H]`` on other st
 (``set_input_tensor`` feeds a non-first stage). Auxiliary losses (MTP, hidden z-loss, device-level
 LB loss) enter the backward inside the model. Hooks for the training loop:
 ``on_train_step_end(iteration)`` (budget controller) and ``training_metrics()``.
+
+Input embedding: megatron's ``LanguageModelEmbedding`` (no position embedding; RoPE is in the
+attention), or with ``model.ngram`` the vocab-sharded ``NgramEmbedding`` (LongCat-Flash-Lite), whose
+``word_embeddings`` is the base token table (HF ``model.embed_tokens``). Both map ``input_ids [b, s]``
+to ``[s, b, H]`` (sequence shards under SP). The n-gram hash resets after ``ngram.eos_token_id``
+(documents packed by the data tools end with EOS). The MTP head keeps its own plain embedding
+(HF ``model.mtp.embed_tokens``), as in the released checkpoints.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from longcat_megatron.model import aux_losses
-from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.config import ModelConfig, ModelConfigError
 from longcat_megatron.model.layer import ShortcutLayer, layer_norm
 from longcat_megatron.model.mtp import MTPHead, shift_left
+from longcat_megatron.model.ngram_embedding import NgramEmbedding
 from longcat_megatron.model.parallel_info import sequence_parallel_size
 from longcat_megatron.model.rotary import InterleavedRotary
 
@@ -74,9 +82,7 @@ class LongcatModel(LanguageModule):
         self.share_embeddings_and_output_weights = False
         self.rotary = InterleavedRotary(cfg)
         if pre_process:
-            self.embedding = LanguageModelEmbedding(
-                tf_config, vocab_size=cfg.vocab_size,
-                max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")
+            self.embedding = self._input_embedding(cfg, tf_config)
             self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
         self.decoder = LongcatBlock(cfg, tf_config, vp_stage)
         if post_process:
@@ -89,6 +95,16 @@ class LongcatModel(LanguageModule):
             self.mtp_head = MTPHead(cfg, tf_config) if cfg.mtp_num_layers else None
         self._metrics: dict[str, float] = {}
         self._last_aux: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _input_embedding(cfg: ModelConfig, tf_config):
+        """Plain token embedding, or the N-gram Embedding when ``cfg.ngram`` is set."""
+        if cfg.ngram is not None:
+            return NgramEmbedding(tf_config, cfg.vocab_size, cfg.ngram,
+                                  max_sequence_length=cfg.max_position_embeddings)
+        return LanguageModelEmbedding(
+            tf_config, vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")
 
     # ---- pipeline -------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -175,6 +191,11 @@ def build_longcat_chunk(cfg: ModelConfig, tf_config, *, pre_process: bool, post_
                         vp_stage: Optional[int] = None) -> LongcatModel:
     """The factory's entry point (``model.arch: longcat``)."""
     cfg.validate()
+    if tf_config.context_parallel_size > 1:
+        raise ModelConfigError(
+            f"parallel.context={tf_config.context_parallel_size}: arch longcat does not support "
+            "context parallelism (its MLA attention needs the whole sequence on every rank); use "
+            "parallel.context=1 and split long sequences with tensor/sequence parallelism instead")
     if tf_config.num_moe_experts != cfg.num_experts:
         raise ValueError("transformer config num_moe_experts must equal model.num_experts "
                          "(the FFN experts); build it with factory.transformer_config(cfg)")

@@ -151,6 +151,7 @@ class NgramEmbedding(MegatronModule):
         for m in self.moduli:
             offsets.append(offsets[-1] + m)
         self.total_rows = offsets[-1]
+        self._row_offsets = offsets[:-1]   # python ints: usable when the module is on meta
         self.register_buffer(
             "table_offsets", torch.tensor(offsets[:-1], dtype=torch.int64), persistent=False
         )
@@ -178,7 +179,9 @@ class NgramEmbedding(MegatronModule):
             )
         self.row_start, self.row_end = even_row_split(self.total_rows, self.shard_size)[self.shard_rank]
 
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # megatron's convention: CPU init -> no explicit device (so a torch.device('meta') context,
+        # e.g. the parameter summary, allocates nothing)
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.ngram_tables = torch.nn.Parameter(
             torch.empty(self.row_end - self.row_start, self.table_width,
                         dtype=config.params_dtype, device=device)
@@ -206,7 +209,7 @@ class NgramEmbedding(MegatronModule):
     # ------------------------------------------------------------------------------ weights layout
     def table_row_ranges(self) -> list[tuple[int, int]]:
         """Global [start, end) rows of each sub-table inside the concatenated table."""
-        offs = self.table_offsets.tolist()
+        offs = self._row_offsets
         return [(o, o + m) for o, m in zip(offs, self.moduli)]
 
     def local_table_slices(self) -> list[tuple[int, int, int, int]]:

@@ -3,10 +3,15 @@
     python -m longcat_megatron.model.summary --config configs/longcat_flash.yaml [model.x=y ...]
 
 The model is built on the meta device (no memory, no initialisation) in a single local process.
-"Activated per token" counts every parameter a token touches except the input embedding (and the
-MTP head, reported separately): attention, dense MLPs, routers, norms, LM head, plus k FFN experts
+With ``model.ngram`` the input embedding is the N-gram Embedding: its hashed sub-tables and their
+projections are reported as their own parts (and summed as "N-gram Embedding").
+"Activated per token" counts every parameter a token touches except the input embedding (the token
+embedding and, with ``model.ngram``, the whole N-gram Embedding: tables and projections; the MTP
+head is reported separately): attention, dense MLPs, routers, norms, LM head, plus k FFN experts
 per layer for k = 0 ... top-k (zero experts cost nothing). The value at the budget target K_e is
 printed when configured.
+
+:func:`total_parameters` gives the same total analytically (no torch), for config checks.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import os
 import sys
 from collections import OrderedDict
 
+# Input-embedding parts (the first matching part wins, so the N-gram parts come first).
+NGRAM_PARTS = ("N-gram tables", "N-gram projections")
+INPUT_EMBEDDING_PARTS = ("embedding",) + NGRAM_PARTS
 PARTS = OrderedDict([
+    ("N-gram tables", ("embedding.ngram_tables",)),
+    ("N-gram projections", ("embedding.post_projs.", "embedding.output_norm.")),
     ("embedding", ("embedding.",)),
     ("attention (MLA)", (".self_attention_",)),
     ("dense MLPs", (".mlps_",)),
@@ -45,6 +55,29 @@ def count_parameters(model) -> dict:
     return counts
 
 
+def total_parameters(cfg) -> int:
+    """Parameters of the ``arch: longcat`` main model (MTP head excluded) from the config alone;
+    equals the sum of :func:`count_parameters` without the MTP head (tests/test_longcat_config.py)."""
+    from longcat_megatron.model.ngram_config import ngram_parameter_count
+
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    mla = (h * cfg.q_lora_rank + cfg.q_lora_rank
+           + cfg.q_lora_rank * heads * cfg.qk_head_dim
+           + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+           + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+           + heads * cfg.v_head_dim * h)
+    dense = 3 * h * cfg.ffn_hidden_size
+    experts = cfg.num_experts or 0
+    expert = 3 * h * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)
+    layer = 2 * (mla + dense + 2 * h) + (experts + cfg.zero_expert_num) * h + experts * expert
+    total = 2 * cfg.vocab_size * h + cfg.num_layers * layer + h
+    if cfg.ngram is not None:
+        total += sum(ngram_parameter_count(cfg.ngram, cfg.vocab_size, h))
+        if cfg.ngram.amplification == "layernorm":
+            total += 2 * h
+    return total
+
+
 def build_on_meta(cfg):
     """The whole model (one process, no parallelism) on the meta device."""
     import torch
@@ -71,8 +104,9 @@ def summarize(cfg) -> dict:
     counts = count_parameters(build_on_meta(cfg))
     per_expert_all_layers = counts["FFN experts"] // cfg.num_experts
     main = sum(v for k, v in counts.items() if k != "MTP head")
-    base = main - counts["embedding"] - counts["FFN experts"]
+    base = main - sum(counts[p] for p in INPUT_EMBEDDING_PARTS) - counts["FFN experts"]
     out = {"parts": counts, "total": main, "mtp": counts["MTP head"],
+           "ngram": sum(counts[p] for p in NGRAM_PARTS),
            "activated_min": base, "activated_max": base + cfg.moe_router_topk * per_expert_all_layers,
            "per_ffn_expert_all_layers": per_expert_all_layers}
     if cfg.budget_target_ffn_experts is not None:
@@ -87,13 +121,23 @@ def _b(n: float) -> str:
 def render(cfg, s: dict) -> str:
     lines = [f"LongCat model: {cfg.num_layers} shortcut layers, hidden {cfg.hidden_size}, "
              f"{cfg.num_experts} FFN + {cfg.zero_expert_num} zero experts, top-{cfg.moe_router_topk}"]
+    if cfg.ngram is not None:
+        ng = cfg.ngram
+        moduli = ng.moduli(cfg.vocab_size)
+        lines.append(f"N-gram Embedding: ratio {ng.ngram_vocab_size_ratio:g}, N={ng.emb_neighbor_num}, "
+                     f"K={ng.emb_split_num}: {ng.num_tables} sub-tables of {min(moduli):,}..."
+                     f"{max(moduli):,} rows x {cfg.hidden_size // ng.num_tables}")
     for part, n in s["parts"].items():
         if n and part != "MTP head":
             lines.append(f"  {part:<18} {_b(n):>10}  ({n:,})")
+    if s["ngram"]:
+        lines.append(f"  {'N-gram Embedding':<18} {_b(s['ngram']):>10}  ({s['ngram']:,})  "
+                     f"[{s['ngram'] / s['total']:.1%} of the total]")
     lines.append(f"  {'total':<18} {_b(s['total']):>10}  ({s['total']:,})  [MTP not included]")
     if s["mtp"]:
         lines.append(f"  {'MTP head':<18} {_b(s['mtp']):>10}  ({s['mtp']:,})")
-    lines.append(f"activated per token (all but the input embedding, k FFN experts of "
+    left_out = "the input embedding" + (" (token + whole N-gram Embedding)" if s["ngram"] else "")
+    lines.append(f"activated per token (all but {left_out}, k FFN experts of "
                  f"{_b(s['per_ffn_expert_all_layers'])} each over all layers): "
                  f"{_b(s['activated_min'])} (k=0) - {_b(s['activated_max'])} (k={cfg.moe_router_topk})")
     if "activated_at_target" in s:
