@@ -324,6 +324,19 @@ def validate(cfg: RunConfig) -> None:
         )
     cfg.data.validate()
     m.validate()
+    ngram = getattr(m, "ngram", None)
+    if ngram is not None:
+        from longcat_megatron.data.tokenizer import resolve_eod_token_id
+
+        eod = resolve_eod_token_id(cfg.data)
+        if eod != ngram.eos_token_id:
+            source = f"the EOS of data.tokenizer={cfg.data.tokenizer}" if cfg.data.tokenizer \
+                else "data.eod_token_id"
+            raise ConfigError(
+                f"model.ngram.eos_token_id={ngram.eos_token_id} but documents end with token {eod} "
+                f"({source}): the N-gram hash would not reset at document boundaries; set "
+                f"model.ngram.eos_token_id={eod}"
+            )
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

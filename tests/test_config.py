@@ -85,3 +85,10 @@ def test_example_configs_are_valid():
                 tree = yaml.safe_load(f)
             overrides = [] if (tree.get("data") or {}).get("paths") else ["data.mock=true"]
             load_config(os.path.join(ROOT, "configs", name), overrides)
+
+
+def test_ngram_eos_must_match_the_data_eos():
+    cfg_path = os.path.join(ROOT, "configs", "tiny_longcat_ngram.yaml")
+    load_config(cfg_path, ["data.mock=true"])
+    with pytest.raises(ConfigError, match=r"model.ngram.eos_token_id=5 but documents end with token 2"):
+        load_config(cfg_path, ["data.mock=true", "model.ngram.eos_token_id=5"])
