@@ -1,0 +1,276 @@
+# shellcheck shell=bash
+# Launch logic shared by launch/{pretrain,midtrain,sft,local}.sh (sourced, not run).
+#
+# A stage script sets CONFIG and the array STAGE_OVERRIDES (its recipe as section.field=value), then
+# calls `lc_main "$@"`. lc_main
+#   * inside an sbatch allocation: runs one srun task per node, each starting torchrun with
+#     --node-rank=$SLURM_NODEID, MASTER_ADDR = first host, MASTER_PORT derived from the job id; after
+#     the step it requeues the job (scontrol requeue) when training stopped early after saving
+#     (exit 75: SIGUSR1/SIGTERM or the exit-duration limit), so the job resumes with no flags changed;
+#   * outside SLURM: runs the same job with torchrun on this machine (NPROC_PER_NODE processes) and
+#     exits 75 when the run stopped early after saving (run the same command again to resume);
+#   * with --dry-run as first argument: validates the config and prints the plan, no training.
+# Remaining arguments are config overrides appended last (they win over the recipe).
+#
+# Environment (all optional; a stage script documents its own recipe variables):
+#   LONGCAT_ROOT     repository root (default: found from this file, or $SLURM_SUBMIT_DIR)
+#   LONGCAT_VENV     virtualenv to use when none is active (default: $LONGCAT_ROOT/.venv)
+#   LONGCAT_CPU=1    CPU test mode: gloo backend, no CUDA, NPROC_PER_NODE default 2, OMP threads 1
+#   NPROC_PER_NODE   processes per node (default: GPUs of the allocation / visible GPUs, else 8; CPU: 2)
+#   MARKER_DIR       where ranks leave the "exit 75: requeue me" marker for the batch shell; must be
+#                    visible from the first node (default: the stage's checkpoint directory, which a
+#                    multi-node job has on shared storage anyway; else /tmp)
+#   MAX_REQUEUES     stop requeueing after this many restarts (default 100)
+#   EXIT_DURATION_MINS  stop (saving) after this many minutes; "auto" (default) = the job's time
+#                    limit minus STOP_MARGIN_MINS (default 15), 0 = off
+#   SAVE_GRACE_S     seconds torchrun waits for ranks to save after a stop signal before killing
+#                    them (default 300; also how long a crashed node waits for its stuck ranks)
+#   MASTER_PORT      rendezvous port (default: 20000 + job id % 20000)
+#   EXTRA_LAUNCHER_ARGS  extra torchrun arguments (e.g. "--log-dir /tmp/tr")
+
+lc_die() { echo "[launch] error: $*" >&2; exit 2; }
+lc_log() { echo "[launch] $*"; }
+
+# --- locate the repository and the python environment ----------------------------------------------
+lc_find_root() {
+    if [ -n "${LONGCAT_ROOT:-}" ]; then :
+    elif [ -f "$(dirname "${BASH_SOURCE[0]}")/common.sh" ] && [ -f "$(dirname "${BASH_SOURCE[0]}")/../longcat_megatron/train.py" ]; then
+        LONGCAT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    else
+        LONGCAT_ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
+    fi
+    [ -f "$LONGCAT_ROOT/longcat_megatron/train.py" ] || lc_die "cannot find the repository at '$LONGCAT_ROOT': \
+submit from the repository root or set LONGCAT_ROOT"
+    export LONGCAT_ROOT
+}
+
+lc_setup_env() {
+    lc_find_root
+    LONGCAT_VENV="${LONGCAT_VENV:-$LONGCAT_ROOT/.venv}"
+    if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$LONGCAT_VENV/bin/python" ]; then
+        export VIRTUAL_ENV="$LONGCAT_VENV" PATH="$LONGCAT_VENV/bin:$PATH"
+    fi
+    PYTHON="${PYTHON:-python}"
+    export PYTHONUNBUFFERED=1 PYTHONPATH="$LONGCAT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    export TORCHDYNAMO_DISABLE="${TORCHDYNAMO_DISABLE:-1}"
+    if [ "${LONGCAT_CPU:-0}" = 1 ]; then
+        export LONGCAT_FORCE_CPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" CUDA_VISIBLE_DEVICES=""
+        NPROC_PER_NODE="${NPROC_PER_NODE:-2}"
+        LC_BACKEND_OVERRIDE=(parallel.backend=gloo)
+    else
+        # CUDA/NCCL defaults (an exported value wins).
+        export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # megatron TP/SP overlap ordering
+        export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # fail, don't hang
+        export TORCH_NCCL_AVOID_RECORD_STREAMS="${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}"
+        export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-19}"
+        export NCCL_IB_SL="${NCCL_IB_SL:-1}"
+        export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+        export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton_cache_${USER:-user}}"
+        if [ -z "${NPROC_PER_NODE:-}" ]; then
+            NPROC_PER_NODE="${SLURM_GPUS_ON_NODE:-}"
+            [ -n "$NPROC_PER_NODE" ] || NPROC_PER_NODE="$(nvidia-smi -L 2>/dev/null | wc -l)"
+            [ "${NPROC_PER_NODE:-0}" -gt 0 ] 2>/dev/null || NPROC_PER_NODE=8
+        fi
+        LC_BACKEND_OVERRIDE=()
+    fi
+    # torchrun: forward SIGUSR1 (SLURM's pre-timeout warning) too, and give ranks time to save.
+    export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SAVE_GRACE_S:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}"
+}
+
+# --- small helpers used by the stage scripts --------------------------------------------------------
+lc_ceil_div() { echo $(( ($1 + $2 - 1) / $2 )); }
+
+# lc_set FIELD VALUE: append FIELD=VALUE to STAGE_OVERRIDES when VALUE is not empty (empty = keep the
+# config file's value).
+lc_set() { [ -n "$2" ] && STAGE_OVERRIDES+=("$1=$2"); return 0; }
+
+# The parallel layout variables shared by all stages (empty = the config's value).
+lc_set_parallel() {
+    lc_set parallel.tensor "${TP:-}"; lc_set parallel.pipeline "${PP:-}"
+    lc_set parallel.virtual_pipeline "${VPP:-}"; lc_set parallel.context "${CP:-}"
+    lc_set parallel.expert "${EP:-}"; lc_set parallel.sequence_parallel "${SEQUENCE_PARALLEL:-}"
+}
+
+# WSD decay length: WSD_DECAY_FRACTION of the train iterations (at least 1).
+lc_wsd_decay_iters() { awk -v n="$1" -v f="$2" 'BEGIN { d = int(n * f); print (d < 1) ? 1 : d }'; }
+
+# Iteration of the last committed checkpoint in $1 (empty when none).
+lc_committed_iteration() {
+    local f="$1/latest_checkpointed_iteration.txt"
+    [ -s "$f" ] && tr -d '[:space:]' < "$f"
+}
+
+# Overrides that make a stage start from a previous stage's checkpoint ($2) unless its own directory
+# ($1) already holds one (then it resumes itself: requeues and resubmissions continue this stage).
+#   $3 = 1: weights only (fresh optimizer, LR schedule and iteration: checkpoint.finetune=true)
+#   $3 = 0: continue the previous stage's optimizer, schedule and iteration (checkpoint.load=$2)
+lc_init_from() {
+    local own="$1" from="$2" fresh="$3"
+    if [ -n "$(lc_committed_iteration "$own")" ]; then
+        return 0
+    fi
+    [ -n "$(lc_committed_iteration "$from")" ] || lc_die "no committed checkpoint in '$from' \
+(the previous stage's checkpoint directory): set INIT_FROM to it"
+    echo "checkpoint.load=$from"
+    if [ "$fresh" = 1 ]; then
+        echo "checkpoint.finetune=true"
+    else
+        echo "checkpoint.allow_data_change=true"
+    fi
+}
+
+# Minutes left in this allocation, from squeue's %L (D-HH:MM:SS, HH:MM:SS or MM:SS); empty if unknown.
+lc_minutes_left() {
+    local left d=0 h=0 m=0 s=0
+    left="$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null | head -n1)"
+    case "$left" in ""|UNLIMITED|NOT_SET|INVALID) return 0 ;; esac
+    if [[ "$left" == *-* ]]; then d="${left%%-*}"; left="${left#*-}"; fi
+    IFS=: read -r -a parts <<< "$left"
+    case "${#parts[@]}" in
+        3) h="${parts[0]}"; m="${parts[1]}"; s="${parts[2]}" ;;
+        2) m="${parts[0]}"; s="${parts[1]}" ;;
+        1) s="${parts[0]}" ;;
+    esac
+    echo $(( 10#$d * 1440 + 10#$h * 60 + 10#$m ))
+}
+
+lc_exit_duration_override() {
+    local want="${EXIT_DURATION_MINS:-auto}" left
+    if [ "$want" = auto ]; then
+        [ -n "${SLURM_JOB_ID:-}" ] || return 0
+        left="$(lc_minutes_left)"
+        [ -n "$left" ] || return 0
+        want=$(( left - ${STOP_MARGIN_MINS:-15} ))
+        [ "$want" -gt 0 ] || return 0
+    fi
+    [ "$want" != 0 ] && echo "train.exit_duration_mins=$want"
+    return 0
+}
+
+# --- the job -------------------------------------------------------------------------------------------
+lc_train_cmd() {  # the per-rank command (after torchrun)
+    LC_TRAIN=("$LONGCAT_ROOT/launch/rank.sh" "$PYTHON" -m longcat_megatron.train --config "$CONFIG"
+              "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "${LC_RUNTIME_OVERRIDES[@]}" "$@")
+}
+
+lc_main() {
+    lc_setup_env
+    cd "$LONGCAT_ROOT" || lc_die "cannot cd to $LONGCAT_ROOT"
+    [ -n "${CONFIG:-}" ] || lc_die "CONFIG is not set"
+    [ -f "$CONFIG" ] || lc_die "config file '$CONFIG' does not exist (set CONFIG=...)"
+    if [ "${1:-}" = --dry-run ]; then
+        shift
+        local nodes="${SLURM_JOB_NUM_NODES:-${NNODES:-1}}"
+        exec "$PYTHON" -m longcat_megatron.train --config "$CONFIG" --dry-run \
+            --world-size $(( nodes * NPROC_PER_NODE )) "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "$@"
+    fi
+    lc_preflight "$@" || exit 2
+    LC_RUNTIME_OVERRIDES=()
+    local dur; dur="$(lc_exit_duration_override)"
+    [ -n "$dur" ] && LC_RUNTIME_OVERRIDES+=("$dur")
+    if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${LONGCAT_NO_SLURM:-}" ]; then
+        lc_run_slurm "$@"
+    else
+        lc_run_local "$@"
+    fi
+}
+
+# Validate the config for the world size once, before starting any rank (a bad config is exit 2 here
+# instead of N tracebacks and torchrun's generic exit 1), and print the plan into the log.
+lc_preflight() {
+    [ "${LONGCAT_SKIP_PREFLIGHT:-0}" = 1 ] && return 0
+    local nodes="${SLURM_JOB_NUM_NODES:-1}"
+    [ -n "${LONGCAT_NO_SLURM:-}" ] && nodes=1
+    "$PYTHON" -W ignore -m longcat_megatron.train --config "$CONFIG" --dry-run \
+        --world-size $(( nodes * NPROC_PER_NODE )) "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "$@" \
+        2>&1 | grep -v -i -E "warn|^\s*$" >&2
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || echo "[launch] the config check failed (exit $rc): nothing was started" >&2
+    return "$rc"
+}
+
+lc_run_local() {
+    local marker; marker="$(mktemp -u "${TMPDIR:-/tmp}/longcat-requeue.XXXXXX")"
+    lc_train_cmd "$@"
+    lc_log "torchrun on this machine: $NPROC_PER_NODE processes, config $CONFIG"
+    LONGCAT_REQUEUE_MARKER="$marker" "$PYTHON" -m torch.distributed.run --standalone \
+        --nproc-per-node="$NPROC_PER_NODE" ${EXTRA_LAUNCHER_ARGS:-} --no-python "${LC_TRAIN[@]}"
+    local rc=$?
+    if [ -e "$marker" ]; then
+        rm -f "$marker"
+        lc_log "training stopped early after saving a checkpoint; run the same command again to resume"
+        return 75
+    fi
+    return "$rc"
+}
+
+LC_STOP_SIGNAL=""
+lc_on_signal() {  # the batch shell got the pre-timeout warning (--signal=B:USR1@...) or SIGTERM
+    LC_STOP_SIGNAL="$1"
+    lc_log "batch shell received SIG$1: asking the training processes to save and stop"
+    if [ "$1" = USR1 ]; then
+        scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || true   # job steps only, not this shell
+    fi
+}
+
+lc_run_slurm() {
+    local nnodes="${SLURM_JOB_NUM_NODES:-1}" restart="${SLURM_RESTART_COUNT:-0}"
+    export MASTER_ADDR; MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+    export MASTER_PORT="${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}"
+    # Shared storage: with --kill-on-bad-exit the first node to finish may get the others killed
+    # before their ranks leave a marker, so every node writes the same file.
+    local marker_dir="${MARKER_DIR:-${LC_CKPT_DIR:-${TMPDIR:-/tmp}}}"
+    mkdir -p "$marker_dir"
+    export LONGCAT_REQUEUE_MARKER="$marker_dir/.longcat-requeue-$SLURM_JOB_ID-$restart"
+    rm -f "$LONGCAT_REQUEUE_MARKER"
+    lc_train_cmd "$@"
+    lc_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $restart: $nnodes node(s) x $NPROC_PER_NODE \
+processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
+    lc_log "command: ${LC_TRAIN[*]:1}"
+    trap 'lc_on_signal USR1' USR1
+    trap 'lc_on_signal TERM' TERM
+    # One task per node; it becomes torchrun with this node's rank. --cpus-per-task: since Slurm 22.05
+    # srun does not inherit it from sbatch, and a one-task step would otherwise be bound to one core.
+    # SLURM signals every process of the step: torchrun starts with SIGUSR1 ignored (an early warning
+    # must not kill it) and installs its forwarding handler (TORCHELASTIC_SIGNALS_TO_HANDLE) later.
+    srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --export=ALL \
+        bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --nnodes="$1" --nproc-per-node="$2" \
+                 --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
+                 ${EXTRA_LAUNCHER_ARGS:-} --no-python "${@:3}"' \
+        "$PYTHON" "$nnodes" "$NPROC_PER_NODE" "${LC_TRAIN[@]}" &
+    local srun_pid=$! rc
+    while :; do   # a trapped signal interrupts `wait`; keep waiting until srun has really exited
+        wait "$srun_pid"; rc=$?
+        if [ "$rc" -gt 128 ] && kill -0 "$srun_pid" 2>/dev/null; then continue; fi
+        break
+    done
+    trap - USR1 TERM
+    local requeue=0
+    if [ "$rc" = 0 ]; then
+        lc_log "training finished (job $SLURM_JOB_ID restart $restart)"
+    elif [ "$LC_STOP_SIGNAL" = TERM ]; then
+        # scancel, the time limit or preemption: SLURM decides what happens to the job, not us
+        lc_log "job is being terminated by SLURM (SIGTERM; exit $rc): not requeueing"
+    elif [ -e "$LONGCAT_REQUEUE_MARKER" ] || [ "$rc" = 75 ]; then
+        lc_log "training saved a checkpoint and stopped early (exit 75)"; requeue=1
+    elif [ -n "$LC_STOP_SIGNAL" ]; then
+        lc_log "training ended with exit $rc after SIG$LC_STOP_SIGNAL; the last committed checkpoint will be resumed"
+        requeue=1
+    else
+        lc_log "training failed with exit $rc: not requeueing (resubmit to resume from the last checkpoint)"
+    fi
+    rm -f "$LONGCAT_REQUEUE_MARKER"
+    if [ "$requeue" = 1 ]; then
+        if [ "$restart" -ge "${MAX_REQUEUES:-100}" ]; then
+            lc_log "restart $restart reached MAX_REQUEUES=${MAX_REQUEUES:-100}: not requeueing"
+            exit 75
+        fi
+        lc_log "requeueing job $SLURM_JOB_ID (it resumes from its latest checkpoint)"
+        scontrol requeue "$SLURM_JOB_ID" || { lc_log "scontrol requeue failed"; exit 75; }
+        exit 0
+    fi
+    exit "$rc"
+}

@@ -1,0 +1,1 @@
+"""Local SLURM cluster scripts and pytest helpers (see cluster.py)."""
