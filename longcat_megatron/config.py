@@ -95,6 +95,9 @@ class CheckpointConfig:
     no_load_rng: bool = False
     # Start from --load's weights with iteration 0, fresh optimizer and schedule (fine-tuning).
     finetune: bool = False
+    # Start a new stage from --load's weights AND optimizer state, with iteration 0 and a fresh LR
+    # schedule and data position (e.g. mid-training that keeps Adam's moments).
+    reset_schedule: bool = False
     # Resume even though the dataset fingerprint in the checkpoint differs from this run's data.
     allow_data_change: bool = False
     keep_last: int = 0
@@ -304,6 +307,19 @@ def validate(cfg: RunConfig) -> None:
             )
     elif p.expert > 1:
         raise ConfigError(f"parallel.expert={p.expert} but the model has no experts (model.num_experts)")
+    if p.context > 1:
+        if m.arch == "longcat":
+            raise ConfigError(
+                f"parallel.context={p.context}: context parallelism is not implemented for the "
+                "LongCat MLA attention yet (known gap, see docs/operations.md); use parallel.context=1"
+            )
+        from longcat_megatron.mcore_fixes import have_transformer_engine
+
+        if not have_transformer_engine():
+            raise ConfigError(
+                f"parallel.context={p.context}: megatron-core's context parallelism needs "
+                "TransformerEngine attention (GPU); without it use parallel.context=1"
+            )
     if p.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
     if t.global_batch_size % t.micro_batch_size:

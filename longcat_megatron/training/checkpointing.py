@@ -266,12 +266,14 @@ def save_checkpoint(
     state["world_size"] = world
     state["rng_state"] = _rng_sharded_object(rank, world)
 
+    iteration = train_state.iteration  # an async commit runs later, when the loop has moved on
+
     def commit():
-        maybe_inject("kill_during_save", train_state.iteration, rank)
+        maybe_inject("kill_during_save", iteration, rank)
         if rank == 0:
             if config_yaml_writer is not None:
                 config_yaml_writer(os.path.join(path, CONFIG_NAME))
-            _write_tracker(root, train_state.iteration)
+            _write_tracker(root, iteration)
             if keep_last > 0:
                 prune_checkpoints(root, keep_last)
 
@@ -313,11 +315,12 @@ def finalize_async_saves(async_queue, blocking: bool = False) -> None:
 # --------------------------------------------------------------------------------------------- load
 @dataclass
 class LoadResult:
-    iteration: int
-    path: str
+    iteration: Optional[int]  # None: no committed checkpoint (``ignored`` may still list dirs)
+    path: Optional[str]
     ignored: list[int]
-    rng_restored: bool
-    optimizer_restored: bool
+    rng_restored: bool = False
+    optimizer_restored: bool = False
+    scheduler_restored: bool = False
 
 
 def find_checkpoint(root: str) -> tuple[Optional[int], list[int]]:
@@ -342,12 +345,14 @@ def load_checkpoint(
     *,
     load_optimizer: bool = True,
     load_rng: bool = True,
+    load_scheduler: bool = True,
     fully_reshardable: bool = True,
     iteration: Optional[int] = None,
-) -> tuple[Optional[LoadResult], TrainState]:
+) -> tuple[LoadResult, TrainState]:
     """Load the latest committed checkpoint of ``root`` into model/optimizer/scheduler.
 
-    Returns (None, fresh TrainState) when ``root`` holds no committed checkpoint.
+    When ``root`` holds no committed checkpoint, the result's ``iteration`` is None (and
+    ``ignored`` lists uncommitted directories) and the TrainState is fresh.
     """
     from megatron.core import dist_checkpointing
 
@@ -359,7 +364,7 @@ def load_checkpoint(
             )
         latest = iteration
     if latest is None:
-        return None, TrainState()
+        return LoadResult(None, None, ignored), TrainState()
     path = iteration_dir(root, latest)
     common = dist_checkpointing.load_common_state_dict(path)
     saved_world = common.get("world_size")
@@ -388,8 +393,10 @@ def load_checkpoint(
     if restore_optimizer:
         optimizer.load_state_dict(_adapt_chained(loaded["optimizer"], optimizer))
         _unshare_step(optimizer)
-        if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
-            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    restore_scheduler = (load_scheduler and scheduler is not None
+                         and loaded.get("opt_param_scheduler") is not None)
+    if restore_scheduler:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if restore_rng:
         _restore_rng(loaded["rng_state"])
     train_state = TrainState(
@@ -398,4 +405,5 @@ def load_checkpoint(
         data_fingerprint=dict(loaded.get("data_fingerprint") or {}),
         extra=dict(loaded.get("extra") or {}),
     )
-    return LoadResult(latest, path, ignored, restore_rng, restore_optimizer), train_state
+    return LoadResult(latest, path, ignored, restore_rng, restore_optimizer,
+                      restore_scheduler), train_state

@@ -238,30 +238,37 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     state = ckpt.TrainState()
     result = TrainResult(iteration=0)
     if load_dir:
+        fresh_schedule = c.finetune or c.reset_schedule
         loaded, state = ckpt.load_checkpoint(
             load_dir, model, optimizer if not c.finetune else None,
-            scheduler if not c.finetune else None,
+            scheduler if not fresh_schedule else None,
             load_optimizer=not c.no_load_optim and not c.finetune,
-            load_rng=not c.no_load_rng and not c.finetune,
+            load_rng=not c.no_load_rng and not fresh_schedule,
+            load_scheduler=not fresh_schedule,
         )
-        if loaded is not None:
-            result.ignored_checkpoints = list(loaded.ignored)
-            for it in loaded.ignored:
-                boot.print(f"[checkpoint] ignoring incomplete checkpoint {ckpt.iteration_dir(load_dir, it)} "
-                           "(its save never committed: crash or kill during save)")
-            if c.finetune:
-                boot.print(f"[checkpoint] fine-tuning from weights of {loaded.path}; iteration, "
-                           "optimizer and schedule start fresh")
-                state = ckpt.TrainState()
-            else:
-                if state.data_fingerprint:
-                    pretrain.check_fingerprint(state.data_fingerprint, fingerprint, c.allow_data_change)
-                boot.print(f"[checkpoint] resumed from {loaded.path} at iteration {state.iteration} "
-                           f"({state.consumed_train_samples} samples consumed"
-                           f"{'' if loaded.rng_restored else '; RNG not restored: world size changed'})")
-                result.resumed_from = state.iteration
-        else:
+        result.ignored_checkpoints = list(loaded.ignored)
+        for it in loaded.ignored:
+            boot.print(f"[checkpoint] ignoring incomplete checkpoint {ckpt.iteration_dir(load_dir, it)} "
+                       "(its save never committed: crash or kill during save)")
+        if loaded.iteration is None:
             boot.print(f"[checkpoint] no committed checkpoint in {load_dir}: starting from scratch")
+        elif fresh_schedule:
+            what = "weights" if c.finetune else "weights and optimizer state"
+            boot.print(f"[checkpoint] starting a new stage from the {what} of {loaded.path}; "
+                       "iteration, data position and LR schedule start fresh")
+            state = ckpt.TrainState()
+        else:
+            if state.data_fingerprint:
+                pretrain.check_fingerprint(state.data_fingerprint, fingerprint, c.allow_data_change)
+            notes = []
+            if not loaded.rng_restored:
+                notes.append("RNG not restored: world size changed")
+            if not loaded.optimizer_restored:
+                notes.append("optimizer state not restored")
+            boot.print(f"[checkpoint] resumed from {loaded.path} at iteration {state.iteration} "
+                       f"({state.consumed_train_samples} samples consumed"
+                       + "".join(f"; {n}" for n in notes) + ")")
+            result.resumed_from = state.iteration
     state.data_fingerprint = fingerprint
 
     iterators, valid_factory = _build_iterators(cfg, layout, state.consumed_train_samples)
