@@ -388,6 +388,9 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
 
 
 def main(argv=None) -> int:
+    from longcat_megatron.runtime import silence_known_warnings
+
+    silence_known_warnings()
     p = argparse.ArgumentParser(
         prog="python -m ckpt_convert.from_hf",
         description="Convert a Hugging Face LongCat directory (LongcatFlashForCausalLM or the N-gram "

@@ -177,6 +177,9 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
 
 
 def main(argv=None) -> int:
+    from longcat_megatron.runtime import silence_known_warnings
+
+    silence_known_warnings()
     p = argparse.ArgumentParser(
         prog="python -m ckpt_convert.to_hf",
         description="Convert a megatron-core torch_dist LongCat checkpoint (any TP/PP/EP/DP layout) "

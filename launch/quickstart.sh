@@ -34,7 +34,7 @@ echo "[quickstart] 2/4 train: $NPROC processes, $STEPS iterations (resumes if ch
 LOG="$RUN/train.log"
 mkdir -p "$RUN"
 set +e
-torchrun --standalone --nproc-per-node "$NPROC" -m longcat_megatron.train --config "$CONFIG" \
+bash launch/local.sh "$NPROC" "$CONFIG" \
     data.paths="[$DATA/corpus]" data.tokenizer="$DATA/tokenizer" \
     checkpoint.save="$RUN/checkpoints" logging.tensorboard_dir="$RUN/tensorboard" \
     train.train_iters="$STEPS" "$@" 2>&1 | tee "$LOG" | grep -v -E "Warning|warnings.warn|return func|^\s*$"
@@ -49,7 +49,7 @@ echo "[quickstart] 3/4 export to Hugging Face"
 ARCH="$(python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['model']['arch'])" "$CONFIG")"
 if [[ "$ARCH" == "longcat" ]]; then
     rm -rf "$RUN/hf"
-    python -m ckpt_convert.to_hf --load "$RUN/checkpoints" --output "$RUN/hf" --tokenizer "$DATA/tokenizer"
+    python -m ckpt_convert.to_hf --load "$RUN/checkpoints" --output "$RUN/hf" --tokenizer "$DATA/tokenizer" --verify
 else
     echo "[quickstart] model.arch=$ARCH has no Hugging Face LongCat layout: export skipped"
 fi

@@ -20,6 +20,7 @@ def test_quickstart_trains_saves_and_resumes(tmp_path):
     assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
     assert (run / "data" / "corpus.bin").is_file()
     assert "loss" in first.stdout and "checkpoints :" in first.stdout
+    assert "verify OK" in first.stdout and (run / "hf" / "config.json").is_file()
     second = _quickstart(run, 16)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at iteration 12" in second.stdout
