@@ -308,6 +308,11 @@ def validate(cfg: RunConfig) -> None:
     elif p.expert > 1:
         raise ConfigError(f"parallel.expert={p.expert} but the model has no experts (model.num_experts)")
     if p.context > 1:
+        if cfg.data.seq_length % (2 * p.context):
+            raise ConfigError(
+                f"data.seq_length={cfg.data.seq_length} must be divisible by 2 x parallel.context "
+                f"= {2 * p.context} (the load-balanced context-parallel split)"
+            )
         if m.arch == "longcat":
             raise ConfigError(
                 f"parallel.context={p.context}: context parallelism is not implemented for the "

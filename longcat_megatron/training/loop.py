@@ -52,9 +52,20 @@ def _batch_to_device(batch: dict) -> dict:
     return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def _cp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_world_size()
+
+
 def forward_step(data_iterator, model):
     """One micro-batch: returns the per-token loss and the reduction function (megatron contract)."""
     batch = _batch_to_device(next(data_iterator))
+    if _cp_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        # Load-balanced causal split: this rank keeps sequence chunks r and 2*CP-1-r (of 2*CP).
+        batch = get_batch_on_this_cp_rank(batch)
     output = model(
         batch["tokens"],
         batch["position_ids"],
