@@ -6,5 +6,18 @@ tensor) is in memory at a time.
 """
 
 
-class ConversionError(RuntimeError):
+from longcat_megatron.errors import UserInputError
+
+
+class ConversionError(UserInputError):
     """Bad input for a conversion; the message names the file/key and the fix."""
+
+
+def tensor_nbytes(shape: tuple, dtype) -> int:
+    """Bytes of a dense tensor of ``shape`` and torch ``dtype``."""
+    import torch
+
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()

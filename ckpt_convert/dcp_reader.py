@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ckpt_convert import ConversionError
+from ckpt_convert import ConversionError, tensor_nbytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d+)$")
@@ -42,10 +42,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def list_iterations(root: str) -> list[int]:

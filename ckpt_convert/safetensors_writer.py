@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ckpt_convert import ConversionError
+from ckpt_convert import ConversionError, tensor_nbytes
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -37,10 +37,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def parse_size(text: str) -> int:
