@@ -314,17 +314,28 @@ def validate(cfg: RunConfig) -> None:
                 f"= {2 * p.context} (the load-balanced context-parallel split)"
             )
         if m.arch == "longcat":
-            raise ConfigError(
-                f"parallel.context={p.context}: context parallelism is not implemented for the "
-                "LongCat MLA attention yet (known gap, see docs/operations.md); use parallel.context=1"
-            )
-        from longcat_megatron.mcore_fixes import have_transformer_engine
+            # The LongCat MLA gathers its compressed keys over CP itself (no TransformerEngine).
+            if m.device_lb_loss_coeff > 0:
+                raise ConfigError(
+                    f"parallel.context={p.context} with model.device_lb_loss_coeff="
+                    f"{m.device_lb_loss_coeff}: the device-level load-balance loss does not reduce "
+                    "over the context-parallel group yet; set model.device_lb_loss_coeff=0 or "
+                    "parallel.context=1"
+                )
+            if p.sequence_parallel and cfg.data.seq_length % (p.context * p.tensor):
+                raise ConfigError(
+                    f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.context "
+                    f"x parallel.tensor = {p.context * p.tensor} (each rank's CP share is split "
+                    "over the tensor-parallel ranks under sequence parallelism)"
+                )
+        else:
+            from longcat_megatron.mcore_fixes import have_transformer_engine
 
-        if not have_transformer_engine():
-            raise ConfigError(
-                f"parallel.context={p.context}: megatron-core's context parallelism needs "
-                "TransformerEngine attention (GPU); without it use parallel.context=1"
-            )
+            if not have_transformer_engine():
+                raise ConfigError(
+                    f"parallel.context={p.context}: megatron-core's context parallelism needs "
+                    "TransformerEngine attention (GPU); without it use parallel.context=1"
+                )
     if p.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
     if t.global_batch_size % t.micro_batch_size:

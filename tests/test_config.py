@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from longcat_megatron.config import ConfigError, load_config, save_config
 from longcat_megatron.errors import UserInputError
@@ -79,12 +78,11 @@ def test_cli_dry_run_plans_and_rejects_bad_world():
 
 
 def test_example_configs_are_valid():
-    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
-        if name.endswith(".yaml"):
-            with open(os.path.join(ROOT, "configs", name)) as f:
-                tree = yaml.safe_load(f)
-            overrides = [] if (tree.get("data") or {}).get("paths") else ["data.mock=true"]
-            load_config(os.path.join(ROOT, "configs", name), overrides)
+    """Every shipped config loads (data files are not built in a fresh clone: mock data)."""
+    names = sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml"))
+    assert "tiny.yaml" in names and "longcat_flash_lite.yaml" in names
+    for name in names:
+        load_config(os.path.join(ROOT, "configs", name), ["data.mock=true"])
 
 
 def test_ngram_eos_must_match_the_data_eos():

@@ -113,13 +113,3 @@ def test_analytic_total_equals_built_model():
     """The total used by the 50% rule (no model built) == the meta-device model's count."""
     for built, analytic in run_distributed(_tiny_totals, 1)[0]:
         assert built == analytic
-
-
-def test_context_parallel_is_refused_with_a_clear_error():
-    from longcat_megatron.model.factory import transformer_config
-    from longcat_megatron.model.longcat import build_longcat_chunk
-
-    cfg = tiny_config()
-    with pytest.raises(ModelConfigError, match=r"parallel\.context=2: arch longcat does not support"):
-        build_longcat_chunk(cfg, transformer_config(cfg, context=2), pre_process=True,
-                            post_process=True)

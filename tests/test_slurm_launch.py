@@ -237,17 +237,12 @@ def test_pretrain_recipe_dry_run_derives_iterations_from_the_token_budget():
 
 
 def test_midtrain_recipe_dry_run_has_128k_yarn():
-    # Context parallelism is not implemented for the LongCat MLA yet: the recipe's CP=8 default is
-    # refused with a clear message, and the rest of the recipe plans at CP=1.
-    refused = subprocess.run(["bash", "launch/midtrain.sh", "--dry-run", "data.mock=true"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, NNODES="32", NPROC_PER_NODE="8", LONGCAT_CPU=""))
-    assert refused.returncode == 2
-    assert "context parallelism is not implemented for the LongCat MLA" in refused.stderr
-    out = _dry_run("launch/midtrain.sh", "data.mock=true", NNODES="32", NPROC_PER_NODE="8", LONGCAT_CPU="",
-                   CP="1")
-    assert "CP1" in out and "(seq 131072)" in out
+    # The recipe's CP=8 default plans: the LongCat MLA gathers its compressed keys over CP.
+    out = _dry_run("launch/midtrain.sh", "data.mock=true", NNODES="32", NPROC_PER_NODE="8", LONGCAT_CPU="")
+    assert "plan for 256 processes" in out
+    assert "CP8" in out and "(seq 131072)" in out
     assert f"{math.ceil(1.5e12 / (64 * 131072)):,} iterations" in out
+    assert "config OK" in out
 
 
 def test_bad_config_is_exit_2_before_any_rank_starts():

@@ -9,6 +9,13 @@ this rank's heads, and the output projection reduce-scatters back to the sequenc
     c, kr  = split(kv_down(x))                   latent, shared rope key
     k_nope, v = split(kv_up(RMSNorm(c) * a_kv))   per head
     q     *= a_q  (both parts);  kr not scaled;  RoPE (interleaved pairs) on q_rope and kr
+
+Context parallelism (megatron's load-balanced split: CP rank r holds sequence chunks r and
+2·CP−1−r of 2·CP): the key side is all-gathered over the CP group before the up projection, as the
+small compressed tensors [RMSNorm(c)·a_kv | RoPE(kr)] (kv_lora + rope dims per token), restored to
+global sequence order; local queries attend to all keys with the causal mask of their global
+positions (or the dense mask, split on its query dim). The gather's backward sums the key
+gradients of all CP ranks back to the owner of each token (reduce-scatter).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
@@ -26,6 +34,51 @@ from longcat_megatron.model.config import ModelConfig
 from longcat_megatron.model.norm import RMSNorm
 from longcat_megatron.model.parallel_info import tp_size
 from longcat_megatron.model.rotary import InterleavedRotary, softmax_scale
+
+
+def context_parallel_size() -> int:
+    """Context-parallel world size (1 when megatron's parallel state is not initialised)."""
+    return ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+def cp_global_positions(local_len: int, device=None) -> torch.Tensor:
+    """Global sequence index ``[local_len]`` of each local position under megatron's load-balanced
+    CP split (this rank holds chunks r and 2·CP−1−r); ``arange`` without CP."""
+    cp = context_parallel_size()
+    if cp == 1:
+        return torch.arange(local_len, device=device)
+    if local_len % 2:
+        raise ValueError(f"context parallelism: local sequence length {local_len} must be even "
+                         "(two chunks per CP rank); make data.seq_length divisible by 2 x "
+                         "parallel.context")
+    chunk = local_len // 2
+    within = torch.arange(chunk, device=device)
+    return torch.cat([g * chunk + within for g in cp_local_chunk_ids()])
+
+
+def cp_local_chunk_ids() -> tuple[int, int]:
+    """Indices (of 2·CP equal chunks of the sequence) of this rank's two chunks, in local order."""
+    cp, rank = context_parallel_size(), ps.get_context_parallel_rank()
+    return rank, 2 * cp - 1 - rank
+
+
+def gather_sequence_over_cp(x: torch.Tensor) -> torch.Tensor:
+    """``x [s_local, ...]`` of every CP rank -> ``[CP·s_local, ...]`` in global sequence order.
+    Autograd: the backward sums the gradients of all CP ranks and returns each its own tokens."""
+    cp = context_parallel_size()
+    if cp == 1:
+        return x
+    gathered = tensor_parallel.gather_from_sequence_parallel_region(
+        x.contiguous(), tensor_parallel_output_grad=True, group=ps.get_context_parallel_group())
+    s_local = x.shape[0]
+    chunk = s_local // 2
+    # Rank r's block is [chunk r | chunk 2CP-1-r]: global chunk g lives at (rank, half) below.
+    order = []
+    for g in range(2 * cp):
+        rank, half = (g, 0) if g < cp else (2 * cp - 1 - g, 1)
+        start = rank * s_local + half * chunk
+        order.append(torch.arange(start, start + chunk, device=x.device))
+    return gathered.index_select(0, torch.cat(order))
 
 
 def full_sequence_column(tf_config, in_size: int, out_size: int) -> ColumnParallelLinear:
@@ -89,18 +142,26 @@ class LongcatMLA(MegatronModule):
 
         kv, _ = self.linear_kv_down_proj(x)                             # [s, b, kv_lora+rope]
         latent, k_rope = torch.split(kv, [cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        kv_up, _ = self.linear_kv_up_proj(self.kv_layernorm(latent) * self.kv_scale)
-        kv_up = kv_up.view(s, b, self.heads_local, cfg.qk_nope_head_dim + cfg.v_head_dim)
-        k_nope, v = torch.split(kv_up, [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        latent = self.kv_layernorm(latent) * self.kv_scale
         # The shared rope key feeds this rank's heads only: sum its gradient over TP.
         k_rope = tensor_parallel.copy_to_tensor_model_parallel_region(k_rope)[:, :, None, :]
+        k_rope = InterleavedRotary.rotate(k_rope, cos, sin)            # local (global) positions
+        if context_parallel_size() > 1:
+            keys = gather_sequence_over_cp(torch.cat([latent, k_rope[:, :, 0]], dim=-1))
+            latent, k_rope = torch.split(keys, [cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+            k_rope = k_rope[:, :, None, :]
+        kv_up, _ = self.linear_kv_up_proj(latent)                       # [s_k, b, n*(nope+v)]
+        kv_up = kv_up.view(kv_up.shape[0], b, self.heads_local, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = torch.split(kv_up, [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
 
         q_rope = InterleavedRotary.rotate(q_rope, cos, sin)
-        k_rope = InterleavedRotary.rotate(k_rope, cos, sin)
         query = torch.cat([q_nope, q_rope], dim=-1)
         key = torch.cat([k_nope, k_rope.expand(-1, -1, self.heads_local, -1)], dim=-1)
 
-        out = self._core_attention(query, key, v, attention_mask)       # [s, b, n_local*v]
+        if context_parallel_size() > 1:
+            out = self._chunked_attention(query, key, v, attention_mask)
+        else:
+            out = self._core_attention(query, key, v, attention_mask)   # [s, b, n_local*v]
         out, _ = self.linear_proj(out)
         return out
 
@@ -118,3 +179,35 @@ class LongcatMLA(MegatronModule):
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v)                                      # [b, n, s, dv]
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+    def _chunked_attention(self, q, k, v, attention_mask):
+        """Context-parallel attention: local queries ``[s_q, b, heads, d]`` (two sequence chunks)
+        over all keys ``[CP·s_q, b, ...]`` in global order, one fused SDPA call per chunk (no
+        ``s_q x s_k`` score tensor). Causal: chunk g sees keys ``[0, (g+1)·c)`` with the
+        bottom-right-aligned causal mask; a megatron mask ``[b, 1, s_q, s_k]`` (True = masked
+        out, split on its query dim only) replaces it when given."""
+        from torch.nn.attention.bias import causal_lower_right
+
+        s_q, s_k = q.shape[0], k.shape[0]
+        if attention_mask is not None and tuple(attention_mask.shape[-2:]) != (s_q, s_k):
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)} does not match {s_q} local "
+                f"queries x {s_k} keys; under context parallelism split it on its query dim only "
+                "(megatron get_batch_on_this_cp_rank)")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
+        chunk = s_q // 2
+        outs = []
+        for half, g in enumerate(cp_local_chunk_ids()):
+            rows = slice(half * chunk, (half + 1) * chunk)
+            if attention_mask is None:
+                end = (g + 1) * chunk
+                out = F.scaled_dot_product_attention(
+                    q[:, :, rows], k[:, :, :end], v[:, :, :end],
+                    attn_mask=causal_lower_right(chunk, end), scale=self.softmax_scale)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q[:, :, rows], k, v, attn_mask=~attention_mask[..., rows, :],
+                    scale=self.softmax_scale)
+            outs.append(out)
+        out = torch.cat(outs, dim=2)                                      # [b, n, s_q, dv]
+        return out.permute(2, 0, 1, 3).reshape(s_q, out.shape[0], -1)

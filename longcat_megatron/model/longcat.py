@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -30,6 +31,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from longcat_megatron.model import aux_losses
+from longcat_megatron.model.attention import context_parallel_size, cp_global_positions
 from longcat_megatron.model.config import ModelConfig, ModelConfigError
 from longcat_megatron.model.layer import ShortcutLayer, layer_norm
 from longcat_megatron.model.mtp import MTPHead, shift_left
@@ -113,10 +115,12 @@ class LongcatModel(LanguageModule):
         self.decoder.input_tensor = input_tensor
 
     def _rotary(self, position_ids, hidden):
-        """(cos, sin) for the full sequence; positions 0..s-1 when a stage gets no position_ids."""
+        """(cos, sin) for this rank's sequence (whole under SP, its CP chunks under CP); when a
+        stage gets no position_ids, the tokens' global indices (0..s-1 without CP)."""
         if position_ids is None:
             s = hidden.shape[0] * sequence_parallel_size(self.config)
-            position_ids = torch.arange(s, device=hidden.device)[None].expand(hidden.shape[1], -1)
+            position_ids = cp_global_positions(s, device=hidden.device)[None].expand(
+                hidden.shape[1], -1)
         return self.rotary.angles(position_ids, hidden.dtype)
 
     # ---- forward --------------------------------------------------------------------------
@@ -146,8 +150,8 @@ class LongcatModel(LanguageModule):
         return self.compute_language_model_loss(labels, logits)
 
     def _token_scale(self) -> float:
-        """Local / global tokens of a sequence-sharded activation."""
-        return 1.0 / sequence_parallel_size(self.config)
+        """Local / global tokens of a sequence-sharded activation (SP shards x CP chunks)."""
+        return 1.0 / (sequence_parallel_size(self.config) * context_parallel_size())
 
     def _attach_mtp_loss(self, input_ids, hidden, rotary, attention_mask, labels, loss_mask):
         if input_ids is None:
@@ -158,9 +162,19 @@ class LongcatModel(LanguageModule):
         per_token = self.compute_language_model_loss(shift_left(labels), logits)
         mask = torch.ones_like(per_token) if loss_mask is None else loss_mask.float()
         mask = shift_left(mask, 0.0)
-        tokens = mask.sum().clamp_min(1.0)
-        loss = (per_token * mask).sum() / tokens
-        self._last_aux["mtp_loss"] = loss.detach()
+        loss_sum = (per_token * mask).sum()
+        if context_parallel_size() > 1:
+            # Mean over the whole sequence's tokens: this rank's share of it (sums to the mean
+            # over CP, like the SP convention of the other aux losses).
+            totals = torch.stack([loss_sum.detach().float(), mask.sum().float()])
+            torch.distributed.all_reduce(totals, group=ps.get_context_parallel_group())
+            tokens = totals[1].clamp_min(1.0)
+            self._last_aux["mtp_loss"] = totals[0] / tokens
+            loss = loss_sum / tokens
+        else:
+            tokens = mask.sum().clamp_min(1.0)
+            loss = loss_sum / tokens
+            self._last_aux["mtp_loss"] = loss.detach()
         weighted = aux_losses.in_loss_units(self.cfg.mtp_loss_scaling_factor * loss, tokens, self.config)
         return aux_losses.attach(hidden, weighted)
 
@@ -191,11 +205,12 @@ def build_longcat_chunk(cfg: ModelConfig, tf_config, *, pre_process: bool, post_
                         vp_stage: Optional[int] = None) -> LongcatModel:
     """The factory's entry point (``model.arch: longcat``)."""
     cfg.validate()
-    if tf_config.context_parallel_size > 1:
+    if tf_config.context_parallel_size > 1 and cfg.device_lb_loss_coeff > 0:
         raise ModelConfigError(
-            f"parallel.context={tf_config.context_parallel_size}: arch longcat does not support "
-            "context parallelism (its MLA attention needs the whole sequence on every rank); use "
-            "parallel.context=1 and split long sequences with tensor/sequence parallelism instead")
+            f"parallel.context={tf_config.context_parallel_size} with model.device_lb_loss_coeff="
+            f"{cfg.device_lb_loss_coeff}: the device-level load-balance loss is computed per "
+            "sequence shard and does not reduce over the context-parallel group yet; set "
+            "model.device_lb_loss_coeff=0 or parallel.context=1")
     if tf_config.num_moe_experts != cfg.num_experts:
         raise ValueError("transformer config num_moe_experts must equal model.num_experts "
                          "(the FFN experts); build it with factory.transformer_config(cfg)")

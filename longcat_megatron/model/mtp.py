@@ -19,14 +19,32 @@ from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.module import MegatronModule
 
-from longcat_megatron.model.attention import LongcatMLA
+from longcat_megatron.model.attention import (
+    LongcatMLA,
+    context_parallel_size,
+    cp_global_positions,
+    gather_sequence_over_cp,
+)
 from longcat_megatron.model.config import ModelConfig
 from longcat_megatron.model.layer import dense_mlp, layer_norm
 from longcat_megatron.model.parallel_info import sequence_parallel_size
 
 
 def shift_left(t: torch.Tensor, fill=0) -> torch.Tensor:
-    """``[b, s]`` -> the same shifted one position left, last column = ``fill``."""
+    """``[b, s]`` -> the same shifted one position left in the global sequence, last column of the
+    sequence = ``fill``. Under context parallelism ``t`` is this rank's share (megatron's
+    load-balanced chunks): the whole sequence is gathered over CP (no gradient; ids, labels, masks)
+    so that each chunk's last position gets the first token of the next chunk."""
+    if context_parallel_size() > 1:
+        with torch.no_grad():
+            full = gather_sequence_over_cp(t.transpose(0, 1)).transpose(0, 1)
+            local = cp_global_positions(t.shape[1], device=t.device)
+            return shift_left_whole(full, fill).index_select(1, local)
+    return shift_left_whole(t, fill)
+
+
+def shift_left_whole(t: torch.Tensor, fill=0) -> torch.Tensor:
+    """``[b, s]`` of a whole sequence shifted one position left, last column = ``fill``."""
     out = torch.roll(t, shifts=-1, dims=1)
     out[:, -1] = fill
     return out
