@@ -195,7 +195,7 @@ def test_midtrain_then_sft_start_from_the_previous_stage(straight, slurm_cluster
     log = mid.text()
     assert fields["JobState"] == "COMPLETED", log[-3000:]
     assert "model.rope_type=yarn model.yarn_factor=4" in log and "model.max_position_embeddings=256" in log
-    assert f"fine-tuning from weights of {pre_ckpt}/iter_{ITERS:07d}" in log
+    assert f"starting a new stage from the weights of {pre_ckpt}/iter_{ITERS:07d}" in log
     assert re.search(r"^iter\s+1/6 \|", log, re.M) and tracker(mid_ckpt) == 6
     # sft: packed chat data with loss masks, from midtrain's checkpoint
     sft = Job("launch/sft.sh",
@@ -206,7 +206,7 @@ def test_midtrain_then_sft_start_from_the_previous_stage(straight, slurm_cluster
     log = sft.text()
     assert fields["JobState"] == "COMPLETED", log[-3000:]
     assert "data.sft=true" in log and f"data: ['{sft_prefix}']" in log
-    assert f"fine-tuning from weights of {mid_ckpt}/iter_0000006" in log
+    assert f"starting a new stage from the weights of {mid_ckpt}/iter_0000006" in log
     assert tracker(sft_ckpt) == 4
     # once a stage has its own checkpoint, a requeue/resubmission resumes it, not the previous stage
     assert _init_overrides(sft_ckpt, mid_ckpt) == []
