@@ -1,7 +1,7 @@
 """Export a megatron-core torch_dist LongCat checkpoint to a Hugging Face model directory.
 
     python -m ckpt_convert.to_hf --load CKPT_DIR [--iteration N] --output HF_DIR \\
-        [--tokenizer DIR] [--dtype auto|bf16|fp16|fp32] [--max-shard-size 5GB] [--verify]
+        [--tokenizer DIR] [--dtype auto|bf16|fp16|fp32] [--max-shard-size 5GB] [--verify [--verify-layers K]]
 
 Runs on one CPU process with no process group, whatever TP/PP/EP/DP layout saved the checkpoint:
 every tensor is assembled from the shards that hold it, one tensor (one expert) at a time, and
@@ -202,6 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="after export, load both sides and compare logits on fixed prompts "
                         "(needs memory for the whole model twice; for small/medium models)")
+    p.add_argument("--verify-layers", type=int, default=None, metavar="K",
+                   help="with --verify: compare only a slice (embedding, first K shortcut layers, "
+                        "final norm, LM head; no MTP) so large models fit in memory")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -220,7 +223,8 @@ def main(argv=None) -> int:
     if args.verify:
         from ckpt_convert.verify import verify_export
 
-        report = verify_export(args.load, args.output, iteration=summary["iteration"])
+        report = verify_export(args.load, args.output, iteration=summary["iteration"],
+                               layers=args.verify_layers)
         print(report.describe())
         if not report.ok:
             return 1

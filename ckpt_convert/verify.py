@@ -1,7 +1,9 @@
 """``--verify``: logits of our model (loaded from the megatron checkpoint) vs the exported HF model.
 
-Loads both sides whole on CPU in fp32 (a single process, world size 1), runs fixed prompts and
-reports max abs / max relative error and top-1 agreement. Meant for small and medium models.
+Loads both sides on CPU in fp32 (a single process, world size 1), runs fixed prompts and reports
+max abs / max relative error and top-1 agreement. By default the whole model; with ``layers=K``
+(``--verify-layers K``) only a slice: the embedding, the first K shortcut layers, the final norm and
+the LM head on both sides (MTP left out), so large models can be checked on an ordinary host.
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ def fixed_prompts(vocab_size: int, batch: int = 2, length: int = 16, eos: Option
     return ids
 
 
-def load_megatron_model(load: str, iteration: Optional[int] = None):
-    """Our LongCat model (TP=PP=EP=1, fp32) with the checkpoint's weights, in this process."""
+def load_megatron_model(load: str, iteration: Optional[int] = None, layers: Optional[int] = None):
+    """Our LongCat model (TP=PP=EP=1, fp32) with the checkpoint's weights, in this process; with
+    ``layers`` only the first that many shortcut layers (and no MTP)."""
+    import dataclasses
+
     from megatron.core import dist_checkpointing
 
     from ckpt_convert.dcp_reader import resolve_checkpoint_dir
@@ -53,6 +58,8 @@ def load_megatron_model(load: str, iteration: Optional[int] = None):
 
     iter_dir, _ = resolve_checkpoint_dir(load, iteration)
     cfg = load_model_config(iter_dir)
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=min(layers, cfg.num_layers), mtp_num_layers=0)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not torch.distributed.is_initialized():
         from ckpt_convert.parallel_launch import free_port
@@ -70,10 +77,19 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, None, None).float()
 
 
-def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+def hf_logits(hf_dir: str, ids: torch.Tensor, layers: Optional[int] = None) -> torch.Tensor:
+    """Logits of the exported model (its first ``layers`` shortcut layers when given)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=True)
+    if layers is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the unloaded layers are reported as unexpected keys
+        config.num_layers = min(layers, config.num_layers)
+        config.num_hidden_layers = 2 * config.num_layers  # two attention blocks per shortcut layer
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, config=config, trust_remote_code=True,
+                                                 dtype=torch.float32)
     with torch.no_grad():
         return model(ids).logits.float()
 
@@ -87,11 +103,13 @@ def compare(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> VerifyReport:
     )
 
 
-def verify_export(load: str, hf_dir: str, iteration: Optional[int] = None, rtol: float = 1e-5) -> VerifyReport:
-    """Compare logits of the megatron checkpoint and the exported HF directory on fixed prompts."""
-    model, cfg = load_megatron_model(load, iteration)
+def verify_export(load: str, hf_dir: str, iteration: Optional[int] = None, rtol: float = 1e-5,
+                  layers: Optional[int] = None) -> VerifyReport:
+    """Compare logits of the megatron checkpoint and the exported HF directory on fixed prompts
+    (whole models, or the slice of the first ``layers`` shortcut layers)."""
+    model, cfg = load_megatron_model(load, iteration, layers)
     ng = getattr(cfg, "ngram", None)
     ids = fixed_prompts(cfg.vocab_size, eos=getattr(ng, "eos_token_id", 2) if ng else 2)
     ours = megatron_logits(model, ids)
-    ref = hf_logits(hf_dir, ids)
+    ref = hf_logits(hf_dir, ids, layers)
     return compare(ours, ref, rtol)

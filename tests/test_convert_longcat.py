@@ -347,3 +347,36 @@ def test_roundtrip_is_bitwise_from_any_saved_layout(tmp_path, tp, pp, ep, world,
     assert set(original) == set(again) and len(original) > 10
     for key, tensor in original.items():
         assert torch.equal(tensor, again[key]), key
+
+
+def _verify_slice(load: str, hf_dir: str, layers: int):
+    from ckpt_convert.verify import verify_export
+
+    return verify_export(load, hf_dir, layers=layers).__dict__
+
+
+def _perturb(hf_dir: str, key: str) -> None:
+    """Add 0.5 to one tensor of an exported HF directory (in place)."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.load(open(os.path.join(hf_dir, "model.safetensors.index.json")))
+    path = os.path.join(hf_dir, index["weight_map"][key])
+    tensors = load_file(path)
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_verify_slice_checks_only_the_first_layers(exported, tmp_path):
+    """--verify-layers 1 compares embedding + layer 0 + head: it passes on a good export, catches a
+    wrong layer-0 tensor, and (being a slice) does not look at layer 1."""
+    _, ckpt, hf_dir, _ = exported
+    ok = run_distributed(_verify_slice, 1, ckpt, hf_dir, 1)[0]
+    assert ok["max_rel"] < 1e-5 and ok["top1_agreement"] == 1.0, ok
+    bad0, bad1 = str(tmp_path / "bad0"), str(tmp_path / "bad1")
+    shutil.copytree(hf_dir, bad0)
+    shutil.copytree(hf_dir, bad1)
+    _perturb(bad0, "model.layers.0.mlps.0.up_proj.weight")
+    _perturb(bad1, "model.layers.1.mlps.0.up_proj.weight")
+    assert run_distributed(_verify_slice, 1, ckpt, bad0, 1)[0]["max_rel"] > 1e-3
+    assert run_distributed(_verify_slice, 1, ckpt, bad1, 1)[0]["max_rel"] < 1e-5
+    assert run_distributed(_verify_slice, 1, ckpt, bad1, 2)[0]["max_rel"] > 1e-3
