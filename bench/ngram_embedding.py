@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -71,12 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
     import torch
 
     from longcat_megatron import runtime
+
+    os.environ.setdefault("MASTER_PORT", str(runtime.free_port()))
     from longcat_megatron.model.config import ModelConfig
     from longcat_megatron.model.factory import build_gpt_chunk, transformer_config
     from longcat_megatron.model.ngram_config import NgramConfig, ngram_parameter_count

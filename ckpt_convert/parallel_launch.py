@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from longcat_megatron.runtime import free_port  # noqa: E402,F401 (re-exported)
 
 
 def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, out) -> None:

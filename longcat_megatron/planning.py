@@ -27,16 +27,16 @@ class ParamCounts:
 
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
-    """Analytic parameter counts; the LongCat model provides its own (``model.summary``)."""
+    """Analytic parameter counts (LongCat: ``model.summary.total_parameters``, MTP excluded)."""
     m = cfg.model
-    if m.arch == "longcat":
-        try:
-            from longcat_megatron.model.summary import parameter_counts
-        except ImportError:
-            parameter_counts = None
-        if parameter_counts is not None:
-            return parameter_counts(m)
     h, f, L, V = m.hidden_size, m.ffn_hidden_size, m.num_layers, m.vocab_size
+    if m.arch == "longcat":
+        from longcat_megatron.model.ngram_config import ngram_parameter_count
+        from longcat_megatron.model.summary import total_parameters
+
+        emb = 2 * V * h + (sum(ngram_parameter_count(m.ngram, V, h)) if m.ngram else 0)
+        expert = L * (m.num_experts or 0) * 3 * h * (m.moe_ffn_hidden_size or f)
+        return ParamCounts(emb, total_parameters(m) - emb - expert, expert)
     emb = V * h * (2 if m.untie_embeddings_and_output_weights else 1)
     attn = 4 * h * h + 2 * h
     if m.num_experts:
@@ -75,6 +75,10 @@ def memory_per_rank_gb(cfg: RunConfig, layout: Layout, counts: ParamCounts) -> d
     }
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def print_plan(cfg: RunConfig, world: int) -> Layout:
     """Validate ``cfg`` for ``world`` processes and print the plan."""
     p, t, d = cfg.parallel, cfg.train, cfg.data
@@ -91,9 +95,9 @@ def print_plan(cfg: RunConfig, world: int) -> Layout:
     mem = memory_per_rank_gb(cfg, layout, counts)
     tokens = t.global_batch_size * d.seq_length
     print(f"plan for {world} processes: {layout.describe()}")
-    print(f"  model.arch={cfg.model.arch}: {counts.total / 1e9:.3f}B parameters "
-          f"(embedding/output {counts.embedding / 1e9:.3f}B, dense {counts.dense / 1e9:.3f}B, "
-          f"experts {counts.expert / 1e9:.3f}B)")
+    print(f"  model.arch={cfg.model.arch}: {_count(counts.total)} parameters "
+          f"(embedding/output {_count(counts.embedding)}, dense {_count(counts.dense)}, "
+          f"experts {_count(counts.expert)})")
     print(f"  tokens/step {tokens:,}; {t.train_iters:,} iterations = {tokens * t.train_iters / 1e9:.3f}B tokens; "
           f"{t.global_batch_size // (t.micro_batch_size * layout.data)} micro-batches per DP rank")
     print("  memory per rank (GB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())

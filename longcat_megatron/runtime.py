@@ -140,6 +140,15 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     return rank, world
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for MASTER_PORT of single-machine runs)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_parallel_state(layout: Layout) -> None:
     """Build megatron-core's process groups for ``layout`` (destroying earlier ones)."""
     from megatron.core import parallel_state as ps

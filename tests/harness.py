@@ -14,7 +14,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
@@ -24,10 +23,7 @@ class DistributedTestError(AssertionError):
     """A rank failed or the run timed out; the message holds the rank's traceback."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from longcat_megatron.runtime import free_port  # noqa: E402,F401 (re-exported)
 
 
 def _worker(rank: int, world: int, port: int, env: dict, fn: Callable, args: tuple, out) -> None:

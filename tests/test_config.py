@@ -90,3 +90,11 @@ def test_ngram_eos_must_match_the_data_eos():
     load_config(cfg_path, ["data.mock=true"])
     with pytest.raises(ConfigError, match=r"model.ngram.eos_token_id=5 but documents end with token 2"):
         load_config(cfg_path, ["data.mock=true", "model.ngram.eos_token_id=5"])
+
+
+def test_dry_run_counts_longcat_parameters_like_the_model_summary():
+    """The plan's total for LongCat-Flash-Lite is the summary's 68.56B (MTP excluded)."""
+    proc = _cli("--config", os.path.join(ROOT, "configs", "longcat_flash_lite.yaml"), "--dry-run",
+                "--world-size", "256", "data.mock=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "model.arch=longcat: 68.562B parameters" in proc.stdout

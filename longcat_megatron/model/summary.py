@@ -87,11 +87,7 @@ def build_on_meta(cfg):
     from longcat_megatron.model.longcat import build_longcat_chunk
 
     if not os.environ.get("MASTER_PORT"):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(runtime.free_port())
     runtime.initialize()
     tf = transformer_config(cfg)
     tf.perform_initialization = False

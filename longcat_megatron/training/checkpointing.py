@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from longcat_megatron.errors import UserInputError
 from longcat_megatron.training.faults import maybe_inject
+from longcat_megatron.training.setup import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_NAME = "run_config.yaml"
@@ -174,17 +175,11 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _model_sharded_state(model_chunks: list) -> dict:
     """Sharded state of the unwrapped chunks (keys as the model names them, no DDP prefix)."""
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
 def _rng_sharded_object(rank: int, world: int):
@@ -386,10 +381,10 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(state, path)
 
     if len(model_chunks) == 1:
-        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, chunk in enumerate(model_chunks):
-            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if restore_optimizer:
         optimizer.load_state_dict(_adapt_chained(loaded["optimizer"], optimizer))
         _unshare_step(optimizer)

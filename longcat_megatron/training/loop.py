@@ -7,7 +7,7 @@ the optional hooks ``on_train_step_end`` and ``training_metrics``.
 
 from __future__ import annotations
 
-import os
+import itertools
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -24,7 +24,7 @@ from longcat_megatron.training.setup import (
     build_model,
     build_optimizer,
     build_scheduler,
-    count_parameters,
+    parameters_on_rank,
     model_hook,
 )
 from longcat_megatron.training.signals import EXIT_REQUEUE, StopRequest
@@ -157,27 +157,26 @@ def _build_iterators(cfg: RunConfig, layout: runtime.Layout, consumed: int):
     train_samples = t.train_iters * t.global_batch_size
     # The same validation samples at every evaluation, so the curve compares like with like.
     eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
-    builder = getattr(pretrain, "build_pretrain_iterators")
-    if getattr(cfg.data, "sft", False):
+    builder = pretrain.build_pretrain_iterators
+    if cfg.data.sft:
         from longcat_megatron.data import sft
 
         builder = sft.build_sft_iterators
+    train_iter, valid_factory = builder(
+        cfg.data,
+        seed=t.seed,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        train_samples=train_samples,
+        eval_samples=eval_samples,
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        consumed_train_samples=consumed,
+    )
+    # Each virtual pipeline chunk reads the same micro-batch sequence (first chunk: inputs, last
+    # chunk: labels); tee shares one dataset instead of building it once per chunk.
     n_chunks = layout.virtual_pipeline or 1
-    iters = []
-    valid_factory = None
-    for _ in range(n_chunks):
-        train_iter, valid_factory = builder(
-            cfg.data,
-            seed=t.seed,
-            micro_batch_size=t.micro_batch_size,
-            global_batch_size=t.global_batch_size,
-            train_samples=train_samples,
-            eval_samples=eval_samples,
-            dp_rank=ps.get_data_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(),
-            consumed_train_samples=consumed,
-        )
-        iters.append(train_iter)
+    iters = list(itertools.tee(train_iter, n_chunks)) if n_chunks > 1 else [train_iter]
     return iters, valid_factory
 
 
@@ -226,7 +225,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     model = build_model(cfg, layout)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-    tf_config = model[0].config if hasattr(model[0], "config") else None
+    tf_config = model[0].config
     tf_config.finalize_model_grads_func = finalize_model_grads
     tf_config.grad_scale_func = optimizer.scale_loss
     if len(model) == 1:
@@ -240,7 +239,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     log = ProgressLogger(rank == last_rank, t.train_iters, t.global_batch_size * cfg.data.seq_length,
                          cfg.logging.tensorboard_dir, cfg.logging.log_interval)
     boot = ProgressLogger(rank == 0, t.train_iters, 0)
-    boot.print(startup_block(cfg, layout, count_parameters(model), load_dir, save_dir))
+    boot.print(startup_block(cfg, layout, parameters_on_rank(model), load_dir, save_dir))
 
     from longcat_megatron.data import pretrain
 

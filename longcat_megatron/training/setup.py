@@ -119,7 +119,7 @@ def build_scheduler(cfg: RunConfig, optimizer):
     )
 
 
-def count_parameters(model_chunks: list) -> int:
+def parameters_on_rank(model_chunks: list) -> int:
     """Parameters held by this rank (sharded counts)."""
     return sum(p.numel() for c in model_chunks for p in c.parameters())
 
