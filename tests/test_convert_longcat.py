@@ -133,7 +133,7 @@ def _load_both_and_compare(original: str, imported: str, tp: int, pp: int, ep: i
         model = build_model_chunk(cfg, tfc, pre_process=ps.is_pipeline_first_stage(),
                                   post_process=ps.is_pipeline_last_stage())
         result, _ = load_checkpoint(root, [model], None, None, load_rng=False)
-        assert result is not None
+        assert result.iteration is not None and result.path is not None  # a committed checkpoint loaded
         states.append({k: v for k, v in model.state_dict().items()
                        if torch.is_tensor(v) and "_extra_state" not in k and ".controller." not in k})
     assert set(states[0]) == set(states[1])

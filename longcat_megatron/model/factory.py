@@ -6,7 +6,8 @@ per-token LM loss ``[batch, seq]`` on the last pipeline stage (the hidden states
 losses (MoE aux, z-loss, MTP) enter the backward pass inside the model (megatron-core's auto-scalers).
 Optional hooks a model may define, called by the loop:
 ``on_train_step_end(iteration)`` after each optimizer step (e.g. the expert-bias controller) and
-``training_metrics() -> dict[str, float]`` for logging.
+``training_metrics() -> dict[str, float]`` for logging (TensorBoard; keys starting with
+``progress/`` are also shown on the progress line).
 """
 
 from __future__ import annotations

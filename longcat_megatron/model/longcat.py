@@ -193,6 +193,15 @@ class LongcatModel(LanguageModule):
                 metrics[f"moe/layer{index}/lb_loss"] = float(router.last_lb_loss)
         for name, value in self._last_aux.items():
             metrics[name] = float(value)
+        # What the progress line shows (router collapse shows there first).
+        experts = [v for k, v in metrics.items() if k.endswith("/ffn_experts_per_token")]
+        loads = [v for k, v in metrics.items() if k.endswith("/load_max_over_mean")]
+        if experts:
+            metrics["progress/experts/tok"] = sum(experts) / len(experts)
+        if loads:
+            metrics["progress/max-load"] = max(loads)
+        if "mtp_loss" in metrics:
+            metrics["progress/mtp-loss"] = metrics["mtp_loss"]
         self._metrics = metrics
 
     def training_metrics(self) -> dict[str, float]:

@@ -130,21 +130,10 @@ def evaluate(model: list, valid_factory, cfg: RunConfig, num_micro: int) -> Opti
 
 
 def _metrics(model_chunks: list) -> dict:
-    """The model's metrics plus a few ``progress/`` summaries shown on the progress line: mean FFN
-    experts per token and worst expert load over mean across layers (router collapse shows there
-    first), and the MTP loss."""
+    """The models' metrics (``progress/*`` keys also go on the progress line)."""
     merged: dict = {}
     for fn in model_hook(model_chunks, "training_metrics"):
         merged.update(fn() or {})
-    experts = [v for k, v in merged.items() if k.endswith("ffn_experts_per_token")]
-    if experts:
-        merged["progress/experts/tok"] = sum(experts) / len(experts)
-    loads = [v for k, v in merged.items() if k.endswith("load_max_over_mean")]
-    if loads:
-        merged["progress/max-load"] = max(loads)
-    mtp = [v for k, v in merged.items() if k.endswith("mtp_loss")]
-    if mtp:
-        merged["progress/mtp-loss"] = mtp[0]
     return merged
 
 
