@@ -1,27 +1,90 @@
-"""Ordered parallel map with a bounded number of tasks in flight (memory does not grow with input).
+"""Ordered parallel map with a bounded number of tasks in flight and prompt worker-death detection.
 
-``multiprocessing.Pool.imap`` reads its whole input ahead of the workers; this keeps at most
-``window`` tasks submitted and yields results in input order.
+``multiprocessing.Pool`` reads its whole input ahead (``imap``) and hangs forever when a worker is
+killed (e.g. by the out-of-memory killer). :class:`OrderedPool` keeps at most ``window`` tasks
+submitted to a spawn-context ``ProcessPoolExecutor``, yields results in input order, and turns a dead
+worker into :class:`WorkerDiedError` within about a second (the executor watches the worker
+processes). ``workers=0`` runs everything in the calling process (debugging, tiny inputs).
+Workers ignore SIGINT: Ctrl-C is handled once, by the parent, which then stops them.
 """
 
 from __future__ import annotations
 
 import collections
 import multiprocessing as mp
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
-
-def make_pool(workers: int, initializer: Callable, initargs: tuple):
-    """A spawn-context pool (workers never inherit the parent's tokenizer threads or state)."""
-    return mp.get_context("spawn").Pool(max(1, workers), initializer=initializer, initargs=initargs)
+from longcat_megatron.errors import UserInputError
 
 
-def ordered_map(pool, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """``fn(item)`` for each item, computed in ``pool``, yielded in input order."""
-    in_flight: collections.deque = collections.deque()
-    for item in items:
-        in_flight.append(pool.apply_async(fn, (item,)))
-        if len(in_flight) >= window:
-            yield in_flight.popleft().get()
-    while in_flight:
-        yield in_flight.popleft().get()
+class WorkerDiedError(UserInputError):
+    """A worker process died (killed by a signal, out of memory, ...); nothing was written."""
+
+
+def _init(initializer: Callable, initargs: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    initializer(*initargs)
+
+
+class OrderedPool:
+    """``workers`` spawn-context processes, each set up by ``initializer(*initargs)``."""
+
+    def __init__(self, workers: int, initializer: Callable, initargs: tuple):
+        self.workers = max(0, int(workers))
+        self._executor = None
+        self._processes: dict = {}
+        if self.workers == 0:
+            initializer(*initargs)
+        else:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                                 initializer=_init, initargs=(initializer, initargs))
+
+    def map(self, fn: Callable, items: Iterable, window: int) -> Iterator:
+        """``fn(item)`` for each item, computed by the workers, yielded in input order."""
+        if self._executor is None:
+            yield from map(fn, items)
+            return
+        in_flight: collections.deque = collections.deque()
+        for item in items:
+            in_flight.append(self._executor.submit(fn, item))
+            self._processes.update(getattr(self._executor, "_processes", None) or {})
+            if len(in_flight) >= max(1, window):
+                yield self._result(in_flight.popleft())
+        while in_flight:
+            yield self._result(in_flight.popleft())
+
+    def _result(self, future):
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            codes = sorted({p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)})
+            how = ", ".join(_describe_exit(c) for c in codes) or "it exited unexpectedly"
+            raise WorkerDiedError(
+                f"a worker process died ({how}); the run stopped and wrote nothing. A SIGKILL usually "
+                "means the out-of-memory killer: re-run with fewer --workers (or a smaller --chunk-mb)."
+            ) from None
+
+    def close(self) -> None:
+        """Stop the workers now (running tasks are abandoned)."""
+        if self._executor is None:
+            return
+        self._processes.update(getattr(self._executor, "_processes", None) or {})
+        for p in self._processes.values():
+            if p.is_alive():
+                p.terminate()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for p in self._processes.values():
+            p.join(timeout=5)
+        self._executor = None
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

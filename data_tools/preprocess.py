@@ -10,9 +10,12 @@ Every input file is one shard and gets its own ``.bin/.idx`` pair (``OUT.bin`` f
 ``python -m data_tools.merge`` later). Each document is tokenized without the tokenizer's own special
 tokens and ends with EOS (``--bos`` also prepends BOS). Files are streamed in ~1 MiB chunks through
 ``--workers`` processes with a bounded number of chunks in flight, so memory does not grow with the
-corpus. Bad records (invalid UTF-8, malformed JSON, missing key, empty document, unreadable Parquet)
-are skipped and counted with ``file:line`` in the summary; ``--strict`` stops at the first one
-instead. Outputs are written under temporary names and renamed only when complete.
+corpus. Bad records (invalid UTF-8, malformed JSON, missing key, empty document, ...) are skipped and
+counted by reason, with ``file:line`` examples in the summary and every one in PREFIX.skipped.tsv;
+``--strict`` stops at the first one instead. A bad file (truncated gzip, unreadable Parquet, no
+usable record at all) stops the run with an error naming it. Outputs of one run appear together, only
+when all are complete; a failed or interrupted run leaves the previous output as it was. Exit codes:
+0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,73 +28,67 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from data_tools.cli_common import Progress, run_tool
 from data_tools.indexed_writer import IndexedWriter, token_dtype
-from data_tools.ordered_pool import make_pool, ordered_map
+from data_tools.ordered_pool import OrderedPool
+from data_tools.run_output import RunOutput
 from data_tools.sources import FORMATS, expand_inputs, input_size, iter_chunks
 from data_tools.tokenize_worker import init_worker, tokenize_chunk
+from data_tools.validation import SkipLog, StrictStop, empty_output_error, location
 from longcat_megatron.data.tokenizer import TokenizerDirError, load_tokenizer, tokenizer_info
-from longcat_megatron.errors import UserInputError
 
-MAX_LISTED_SKIPS = 1000
-
-
-class PreprocessError(UserInputError):
-    """Preprocessing stopped (``--strict`` on a bad record); the message names ``file:line``."""
+PreprocessError = StrictStop  # the error ``--strict`` raises (kept name)
+SUMMARY_SUFFIX = ".summary.json"
+REASONS_SUFFIX = ".skipped.tsv"
 
 
 @dataclass
 class PreprocessSummary:
+    """What a preprocessing run did (also written as ``PREFIX.summary.json``)."""
+
     documents: int = 0
     tokens: int = 0
-    skipped_count: int = 0
-    skipped_by_reason: dict = field(default_factory=dict)
-    skipped: list = field(default_factory=list)  # "file:line: reason", first MAX_LISTED_SKIPS
-    shards: list = field(default_factory=list)  # {"input", "prefix", "documents", "tokens"}
+    skipped: int = 0
+    skipped_by_reason: dict = field(default_factory=dict)  # code -> {count, meaning, examples}
+    reasons_file: Optional[str] = None  # every skipped record: file:line<TAB>code<TAB>detail
+    shards: list = field(default_factory=list)  # {"input", "prefix", "documents", "tokens", ...}
+    excluded_inputs: list = field(default_factory=list)  # outputs of the data tools met in --input
+    notes: list = field(default_factory=list)
     seconds: float = 0.0
     input_bytes: int = 0
 
-    def record_skip(self, where: str, reason: str, strict: bool) -> None:
-        """Count a skipped record, or raise :class:`PreprocessError` naming it under ``--strict``."""
-        if strict:
-            raise PreprocessError(f"{where}: {reason} (stopped by --strict)")
-        self.skipped_count += 1
-        key = _reason_class(reason)
-        self.skipped_by_reason[key] = self.skipped_by_reason.get(key, 0) + 1
-        if len(self.skipped) < MAX_LISTED_SKIPS:
-            self.skipped.append(f"{where}: {reason}")
+    def take_skips(self, skips: SkipLog, reasons_file: str) -> None:
+        self.skipped, self.skipped_by_reason = skips.total, skips.to_json()
+        self.reasons_file = reasons_file if skips.total else None
 
     def write_json(self, path: str) -> None:
-        """Write the summary (atomically) as JSON."""
-        with open(path + ".tmp", "w") as f:
+        with open(path, "w") as f:
             json.dump(asdict(self), f, indent=1)
-        os.replace(path + ".tmp", path)
 
     def format(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
-        lines = [
-            f"documents: {self.documents:,}  tokens: {self.tokens:,} (EOS included)  "
-            f"skipped: {self.skipped_count:,}  time: {self.seconds:.1f}s  tokens/s: {rate:,.0f}",
-        ]
-        for reason, n in sorted(self.skipped_by_reason.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  skipped {n:,} x {reason}")
-        for item in self.skipped[:20]:
-            lines.append(f"    {item}")
-        if self.skipped_count > 20:
-            lines.append(f"    ... all listed (up to {MAX_LISTED_SKIPS}) in the summary JSON")
+        lines = [f"documents: {self.documents:,}  tokens: {self.tokens:,} (EOS included)  "
+                 f"skipped records: {self.skipped:,}  time: {self.seconds:.1f}s  tokens/s: {rate:,.0f}"]
+        lines += format_details(self)
         for shard in self.shards:
             lines.append(f"  {shard['input']} -> {shard['prefix']}.bin/.idx "
-                         f"({shard['documents']:,} docs, {shard['tokens']:,} tokens)")
+                         f"({shard['documents']:,} documents, {shard['tokens']:,} tokens)")
         return "\n".join(lines)
 
 
-def location(path: str, loc) -> str:
-    """``file:line`` (or ``file:row N``, or just ``file`` for a whole-file problem)."""
-    return path if loc == "file" else f"{path}:{loc}"
-
-
-def _reason_class(reason: str) -> str:
-    """Group reasons for the summary (drop the per-record detail in parentheses/positions)."""
-    return reason.split(" (")[0].split(" at byte")[0]
+def format_details(summary) -> list[str]:
+    """Skip reasons with examples, excluded inputs and notes (shared by both tools' summaries)."""
+    lines = []
+    for code, entry in summary.skipped_by_reason.items():
+        lines.append(f"  skipped {entry['count']:,} x {code}: {entry['meaning']}")
+        lines += [f"      {e}" for e in entry["examples"]]
+        if entry["count"] > len(entry["examples"]):
+            lines.append(f"      ... all {entry['count']:,} listed in {summary.reasons_file}")
+    if summary.excluded_inputs:
+        lines.append(f"  left out {len(summary.excluded_inputs)} input file(s) that are outputs of the data "
+                     f"tools, e.g. {summary.excluded_inputs[0]}")
+    lines += [f"  note: {n}" for n in summary.notes]
+    return lines
 
 
 def shard_prefixes(output_prefix: str, n_inputs: int) -> list[str]:
@@ -117,56 +114,66 @@ def preprocess(
     chunk_bytes: int = 1 << 20,
     progress: bool = True,
 ) -> PreprocessSummary:
-    """Tokenize ``inputs`` (paths/globs/dirs) into indexed datasets; returns the summary."""
-    files = expand_inputs(inputs)
+    """Tokenize ``inputs`` (paths/globs/dirs) into indexed datasets; returns the summary.
+
+    All outputs appear together when the run succeeds (see :mod:`data_tools.run_output`); any error
+    leaves the previous output of ``output_prefix`` as it was.
+    """
     info = tokenizer_info(tokenizer, load_tokenizer(tokenizer))
     if add_bos and info.bos_id is None:
-        raise TokenizerDirError(f"--bos: tokenizer '{tokenizer}' has no bos_token")
+        raise TokenizerDirError(f"--bos: tokenizer '{tokenizer}' has no bos_token (in its vocabulary)")
     dtype = token_dtype(info.vocab_size)
-    prefixes = shard_prefixes(output_prefix, len(files))
-    summary = PreprocessSummary(input_bytes=sum(input_size(f) or 0 for f in files))
-    start = time.monotonic()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=summary.input_bytes or None, unit="B", unit_scale=True, desc="preprocess",
-                   file=sys.stderr, dynamic_ncols=True)
-    pool = make_pool(workers, init_worker, (tokenizer, json_key, info.eos_id, info.bos_id if add_bos else None,
-                                            threads_per_worker, dtype.name))
-    try:
-        for path, prefix in zip(files, prefixes):
-            with IndexedWriter(prefix, dtype) as writer:
-                chunks = iter_chunks(path, input_format, json_key=json_key, text_unit=text_unit,
-                                     chunk_bytes=chunk_bytes)
-                for result in ordered_map(pool, tokenize_chunk, chunks, window=4 * max(1, workers)):
-                    for loc, reason in result.skipped:
-                        summary.record_skip(location(path, loc), reason, strict)
-                    writer.add_documents(result.ids, result.lengths)
-                    if bar is not None:
-                        elapsed = max(time.monotonic() - start, 1e-9)
-                        bar.update(result.nbytes)
-                        bar.set_postfix_str(
-                            f"docs/s={(summary.documents + writer.documents) / elapsed:,.0f} "
-                            f"tokens/s={(summary.tokens + writer.tokens) / elapsed:,.0f}"
-                        )
-                counts = writer.finalize({"input": os.path.abspath(path), "tokenizer": os.path.abspath(tokenizer)})
-            summary.documents += counts["documents"]
-            summary.tokens += counts["tokens"]
-            summary.shards.append({"input": path, "prefix": prefix, **counts})
-    finally:
-        pool.terminate()
-        pool.join()
-        if bar is not None:
+    with RunOutput(output_prefix) as out:
+        summary = PreprocessSummary(notes=[info.eos_note] if info.eos_note else [])
+        files = expand_inputs(inputs, summary.excluded_inputs, out.owns)
+        summary.input_bytes = sum(input_size(f) or 0 for f in files)
+        prefixes = shard_prefixes(out.prefix, len(files))
+        skips = SkipLog(out.prefix + REASONS_SUFFIX, strict)
+        start = time.monotonic()
+        bar = Progress(progress, summary.input_bytes, "preprocess")
+        pool = OrderedPool(workers, init_worker, (tokenizer, json_key, info.eos_id,
+                                                  info.bos_id if add_bos else None, threads_per_worker, dtype.name))
+        try:
+            for path, prefix in zip(files, prefixes):
+                file_skips = SkipLog(None)
+                with IndexedWriter(prefix, dtype) as writer:
+                    chunks = iter_chunks(path, input_format, json_key=json_key, text_unit=text_unit,
+                                         chunk_bytes=chunk_bytes)
+                    for result in pool.map(tokenize_chunk, chunks, window=4 * max(1, workers)):
+                        for loc, code, detail in result.skipped:
+                            skips.add(location(path, loc), code, detail)
+                            file_skips.add(location(path, loc), code, detail)
+                        writer.add_documents(result.ids, result.lengths)
+                        bar.update(result.nbytes, docs=summary.documents + writer.documents,
+                                   tokens=summary.tokens + writer.tokens)
+                    if writer.documents == 0:
+                        raise empty_output_error(f"input '{path}'", file_skips, _empty_hint(json_key))
+                    counts = writer.finalize({"input": os.path.abspath(path),
+                                              "tokenizer": os.path.abspath(tokenizer)})
+                summary.documents += counts["documents"]
+                summary.tokens += counts["tokens"]
+                summary.shards.append({"input": path, "prefix": out.final(prefix), **counts})
+        finally:
+            pool.close()
             bar.close()
-    if merge and len(prefixes) > 1:
-        from data_tools.merge import merge_datasets
+            skips.close()
+        if merge and len(prefixes) > 1:
+            from data_tools.merge import merge_datasets
 
-        merge_datasets(prefixes, output_prefix, remove_inputs=True)
-        summary.shards = [{**s, "merged_into": output_prefix} for s in summary.shards]
-    summary.seconds = time.monotonic() - start
-    summary.write_json(output_prefix + ".summary.json")
+            merge_datasets(prefixes, out.prefix, remove_inputs=True)
+            summary.shards = [{**s, "merged_into": out.final_prefix} for s in summary.shards]
+        summary.take_skips(skips, out.final_prefix + REASONS_SUFFIX)
+        if not skips.total:
+            os.remove(out.prefix + REASONS_SUFFIX)
+        summary.seconds = time.monotonic() - start
+        summary.write_json(out.prefix + SUMMARY_SUFFIX)
+        out.commit()
     return summary
+
+
+def _empty_hint(json_key: str) -> str:
+    return (f"Check --json-key (now '{json_key}'; the missing_key examples list the keys found), "
+            "--input-format, or remove the file from --input.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-format", choices=FORMATS, default="auto",
                         help="auto: by extension (.jsonl/.json[.gz], .parquet, else text)")
     parser.add_argument("--text-unit", choices=("file", "line"), default="file",
-                        help="plain text: one document per file (default) or per line")
+                        help="plain text: one document per file (default) or per line; with 'line' each "
+                             "document keeps its line's trailing newline, exactly as in the file")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="tokenizer worker processes (default: CPU cores - 1)")
+                        help="tokenizer worker processes (default: CPU cores - 1; 0 = tokenize in this process)")
     parser.add_argument("--threads-per-worker", type=int, default=1,
                         help="tokenizer threads inside each worker (default 1)")
     parser.add_argument("--strict", action="store_true",
@@ -204,21 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = preprocess(
-            args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
-            input_format=args.input_format, text_unit=args.text_unit, workers=args.workers,
-            threads_per_worker=args.threads_per_worker, strict=args.strict, add_bos=args.bos,
-            merge=args.merge, chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=not args.quiet,
-        )
-    except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was completed for the current shard", file=sys.stderr)
-        return 130
-    print(summary.format())
-    return 0
+    return run_tool(lambda: preprocess(
+        args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
+        input_format=args.input_format, text_unit=args.text_unit, workers=args.workers,
+        threads_per_worker=args.threads_per_worker, strict=args.strict, add_bos=args.bos,
+        merge=args.merge, chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=not args.quiet,
+    ).format())
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Each worker loads the tokenizer once (:func:`init_worker`) and turns a :class:`~data_tools.sources.Chunk`
 into a :class:`TokenizedChunk`: one flat id array, per-document lengths (EOS appended to every
-document) and the skipped records with the reason. Validation rules, in order: invalid UTF-8,
-malformed JSON, not a JSON object, missing key, non-string value, empty (whitespace-only) document.
+document) and the skipped records with their :data:`~data_tools.validation.SKIP_REASONS` code.
+Validation rules, in order: invalid_utf8, blank_line, malformed_json, not_an_object, missing_key,
+lone_surrogate, null_value, not_a_string, empty_document, then no_tokens after tokenization.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Optional
 import numpy as np
 
 from data_tools.sources import Chunk
+from data_tools.validation import (
+    RecordSkip, has_lone_surrogate, json_error_detail, json_type, may_hold_surrogate_escape,
+)
 
 _STATE: dict = {}
 
@@ -25,7 +29,7 @@ class TokenizedChunk:
     path: str
     ids: np.ndarray
     lengths: np.ndarray
-    skipped: list = field(default_factory=list)  # (location, reason)
+    skipped: list = field(default_factory=list)  # (location, code, detail)
     nbytes: int = 0
 
 
@@ -42,48 +46,49 @@ def init_worker(
     )
 
 
-def extract_text(kind: str, payload, key: str) -> tuple[Optional[str], Optional[str]]:
-    """(text, None) for a usable record, else (None, reason)."""
+def extract_text(kind: str, payload, key: str) -> str:
+    """The document text of one raw record; raises :class:`RecordSkip` for an unusable one."""
     if kind in ("jsonl", "text"):
         try:
             line = payload.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return None, f"invalid UTF-8 at byte {exc.start}"
+            raise RecordSkip("invalid_utf8", f"at byte {exc.start}") from None
         if kind == "jsonl":
             if not line.strip():
-                return None, "blank line"
+                raise RecordSkip("blank_line")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                return None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+                raise RecordSkip("malformed_json", json_error_detail(exc)) from None
             if not isinstance(obj, dict):
-                return None, f"JSON value is a {type(obj).__name__}, not an object"
+                raise RecordSkip("not_an_object", f"the line is a JSON {json_type(obj)}")
             if key not in obj:
-                return None, f"missing key '{key}'"
+                raise RecordSkip("missing_key", f"no '{key}'; keys: {', '.join(map(repr, list(obj)[:6]))}")
             text = obj[key]
+            if isinstance(text, str) and may_hold_surrogate_escape(line) and has_lone_surrogate(text):
+                raise RecordSkip("lone_surrogate", f"in '{key}'")
         else:
             text = line
     else:
         text = payload
         if text is None:
-            return None, f"missing (null) value in column '{key}'"
+            raise RecordSkip("null_value", f"column '{key}'")
     if not isinstance(text, str):
-        return None, f"key '{key}' holds a {type(text).__name__}, not a string"
+        raise RecordSkip("not_a_string", f"'{key}' is a JSON {json_type(text)}")
     if not text.strip():
-        return None, "empty document"
-    return text, None
+        raise RecordSkip("empty_document")
+    return text
 
 
 def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
     """Validate and tokenize one chunk in the worker (EOS appended per document)."""
     tok, key, eos, bos = _STATE["tokenizer"], _STATE["key"], _STATE["eos"], _STATE["bos"]
-    texts, skipped = [], list(chunk.errors)
+    texts, skipped = [], []
     for loc, payload in chunk.records:
-        text, reason = extract_text(chunk.kind, payload, key)
-        if reason is None:
-            texts.append((loc, text))
-        else:
-            skipped.append((loc, reason))
+        try:
+            texts.append((loc, extract_text(chunk.kind, payload, key)))
+        except RecordSkip as skip:
+            skipped.append((loc, skip.code, skip.detail))
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     encodings = encode([t for _, t in texts], add_special_tokens=False) if texts else []
     flat: list[int] = []
@@ -92,12 +97,13 @@ def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
     for (loc, _), enc in zip(texts, encodings):
         ids = enc.ids
         if not ids:
-            skipped.append((loc, "no tokens after tokenization"))
+            skipped.append((loc, "no_tokens", ""))
             continue
         flat.extend(prefix)
         flat.extend(ids)
         flat.append(eos)
         lengths.append(len(ids) + len(prefix) + 1)
+    skipped.sort(key=lambda s: _order(s[0]))
     return TokenizedChunk(
         path=chunk.path,
         ids=np.array(flat, dtype=_STATE["dtype"]),
@@ -105,3 +111,7 @@ def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
         skipped=skipped,
         nbytes=chunk.nbytes,
     )
+
+
+def _order(loc) -> int:
+    return loc if isinstance(loc, int) else int(str(loc).rsplit(" ", 1)[-1]) if str(loc)[-1:].isdigit() else 0

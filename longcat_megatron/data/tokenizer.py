@@ -31,6 +31,8 @@ class TokenizerInfo:
     bos_id: Optional[int]
     pad_id: Optional[int]
     chat_template: Optional[str]
+    # Set when tokenizer_config.json names no eos_token and a well-known name was used instead.
+    eos_note: Optional[str] = None
 
 
 def _token_content(value) -> Optional[str]:
@@ -49,7 +51,13 @@ def load_tokenizer(path: str):
             f"tokenizer: '{file}' does not exist. Give a local Hugging Face tokenizer directory that "
             "holds tokenizer.json (save one with `tokenizer.save_pretrained(DIR)`)."
         )
-    return Tokenizer.from_file(file)
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise TokenizerDirError(
+            f"tokenizer: '{file}' cannot be loaded ({str(exc).splitlines()[0][:200]}): it is corrupt or not a "
+            "Hugging Face fast-tokenizer file. Re-save it with `tokenizer.save_pretrained(DIR)`."
+        ) from None
 
 
 def tokenizer_info(path: str, tokenizer=None) -> TokenizerInfo:
@@ -59,16 +67,38 @@ def tokenizer_info(path: str, tokenizer=None) -> TokenizerInfo:
     cfg_file = os.path.join(directory, "tokenizer_config.json")
     cfg: dict = {}
     if os.path.isfile(cfg_file):
-        with open(cfg_file, encoding="utf-8") as f:
-            cfg = json.load(f)
+        try:
+            with open(cfg_file, encoding="utf-8-sig") as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TokenizerDirError(
+                f"tokenizer: '{cfg_file}' is not valid JSON ({exc}). Fix it, or re-save the tokenizer with "
+                "`tokenizer.save_pretrained(DIR)`."
+            ) from None
+        if not isinstance(cfg, dict):
+            raise TokenizerDirError(f"tokenizer: '{cfg_file}' must hold a JSON object, not {type(cfg).__name__}")
 
     def lookup(key: str) -> Optional[int]:
         name = _token_content(cfg.get(key))
-        return tok.token_to_id(name) if name else None
+        if not name:
+            return None
+        if not isinstance(name, str) or tok.token_to_id(name) is None:
+            if key != "eos_token":
+                return None  # an unknown BOS/pad is reported where it is needed (--bos)
+            raise TokenizerDirError(
+                f"tokenizer: {key} {name!r} in '{cfg_file}' is not in the vocabulary of tokenizer.json. "
+                f"Set {key} to a token the tokenizer has (or remove it)."
+            )
+        return tok.token_to_id(name)
 
     eos = lookup("eos_token")
+    note = None
     if eos is None:
-        eos = next((tok.token_to_id(n) for n in _EOS_FALLBACKS if tok.token_to_id(n) is not None), None)
+        name = next((n for n in _EOS_FALLBACKS if tok.token_to_id(n) is not None), None)
+        if name is not None:
+            eos = tok.token_to_id(name)
+            note = (f"tokenizer_config.json names no eos_token; using {name!r} (id {eos}) as EOS. Set eos_token "
+                    f"in '{cfg_file}' to make this explicit.")
     if eos is None:
         raise TokenizerDirError(
             f"tokenizer '{directory}': no EOS token found (set eos_token in tokenizer_config.json); "
@@ -86,6 +116,7 @@ def tokenizer_info(path: str, tokenizer=None) -> TokenizerInfo:
         bos_id=lookup("bos_token"),
         pad_id=lookup("pad_token"),
         chat_template=template if isinstance(template, str) else None,
+        eos_note=note,
     )
 
 
