@@ -48,24 +48,26 @@ class OrderedPool:
             yield from map(fn, items)
             return
         in_flight: collections.deque = collections.deque()
-        for item in items:
-            in_flight.append(self._executor.submit(fn, item))
-            self._processes.update(getattr(self._executor, "_processes", None) or {})
-            if len(in_flight) >= max(1, window):
-                yield self._result(in_flight.popleft())
-        while in_flight:
-            yield self._result(in_flight.popleft())
-
-    def _result(self, future):
         try:
-            return future.result()
+            for item in items:
+                in_flight.append(self._executor.submit(fn, item))
+                self._processes.update(getattr(self._executor, "_processes", None) or {})
+                if len(in_flight) >= max(1, window):
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
         except BrokenProcessPool:
-            codes = sorted({p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)})
-            how = ", ".join(_describe_exit(c) for c in codes) or "it exited unexpectedly"
-            raise WorkerDiedError(
-                f"a worker process died ({how}); the run stopped and wrote nothing. A SIGKILL usually "
-                "means the out-of-memory killer: re-run with fewer --workers (or a smaller --chunk-mb)."
-            ) from None
+            raise self._died() from None
+
+    def _died(self) -> WorkerDiedError:
+        for p in self._processes.values():
+            p.join(timeout=1)
+        codes = sorted({p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)})
+        how = ", ".join(_describe_exit(c) for c in codes) or "it exited unexpectedly"
+        return WorkerDiedError(
+            f"a worker process died ({how}); the run stopped and wrote nothing. A SIGKILL usually "
+            "means the out-of-memory killer: re-run with fewer --workers (or a smaller --chunk-mb)."
+        )
 
     def close(self) -> None:
         """Stop the workers now (running tasks are abandoned)."""

@@ -59,11 +59,15 @@ def main(argv=None) -> int:
     if args.dry_run:
         from longcat_megatron.planning import print_plan
 
+        from longcat_megatron.data.check import check_data
+
         world = args.world_size or runtime.launcher_env()[1]
         try:
+            data_ok = check_data(cfg.data)  # the same data check as training
             print_plan(cfg, world)
         except bad_input as e:
             return _fail(str(e))
+        print(f"  {data_ok}")
         return 0
 
     from longcat_megatron.training.loop import train

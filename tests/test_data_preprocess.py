@@ -66,8 +66,8 @@ def write_bad_jsonl(path: str) -> dict:
     ]
     with open(path, "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
-    return {2: "malformed JSON", 3: "missing key", 5: "empty document", 6: "invalid UTF-8",
-            8: "not a string", 9: "blank line", 10: "not an object"}
+    return {2: "malformed_json", 3: "missing_key", 5: "empty_document", 6: "invalid_utf8",
+            8: "not_a_string", 9: "blank_line", 10: "not_an_object"}
 
 
 def direct(tokenizer, texts):
@@ -83,13 +83,13 @@ def test_cli_skips_bad_lines_and_matches_direct_tokenization(tiny, tokenizer, tm
     assert res.returncode == 0, res.stderr
     assert read_docs(out) == direct(tokenizer, GOOD)
     summary = json.load(open(out + ".summary.json"))
-    assert summary["documents"] == len(GOOD) and summary["skipped_count"] == len(bad)
+    assert summary["documents"] == len(GOOD) and summary["skipped"] == len(bad)
     assert summary["tokens"] == sum(len(d) for d in direct(tokenizer, GOOD))
-    listed = {int(s.split(":")[1]): s for s in summary["skipped"]}
-    assert set(listed) == set(bad)
-    for line, word in bad.items():
-        assert word in listed[line].replace("holds a int", "not a string"), listed[line]
-    assert "skipped: 7" in res.stdout and f"{src}:2: malformed JSON" in res.stdout
+    assert {code: e["count"] for code, e in summary["skipped_by_reason"].items()} == {c: 1 for c in bad.values()}
+    with open(out + ".skipped.tsv") as f:
+        listed = [line.split("\t")[:2] for line in f]
+    assert listed == [[f"{src}:{line}", code] for line, code in sorted(bad.items())]
+    assert "skipped records: 7" in res.stdout and f"{src}:2: malformed_json" in res.stdout
     check_indexed_pair(out)
 
 
@@ -100,8 +100,8 @@ def test_cli_strict_stops_at_first_bad_line_without_output(tiny, tmp_path):
     res = run_cli("data_tools.preprocess", "--input", src, "--tokenizer", os.path.join(tiny, "tokenizer"),
                   "--output-prefix", out, "--workers", "2", "--strict", "--quiet")
     assert res.returncode == 2
-    assert f"{src}:2: malformed JSON" in res.stderr
-    assert not [f for f in os.listdir(tmp_path) if f.startswith("strict")]
+    assert f"{src}:2: malformed_json" in res.stderr and "Traceback" not in res.stderr
+    assert not [f for f in os.listdir(tmp_path) if "strict" in f]
 
 
 def test_parquet_text_and_merge(tiny, tokenizer, tmp_path):
@@ -110,23 +110,20 @@ def test_parquet_text_and_merge(tiny, tokenizer, tmp_path):
 
     pq.write_table(pa.table({"text": [GOOD[0], None, "", GOOD[1]]}), str(tmp_path / "a.parquet"))
     pq.write_table(pa.table({"text": [GOOD[2]] * 50}), str(tmp_path / "whole.parquet"))
-    with open(tmp_path / "whole.parquet", "rb") as f:
-        data = f.read()
-    with open(tmp_path / "b_truncated.parquet", "wb") as f:
-        f.write(data[: len(data) // 2])
     (tmp_path / "c.txt").write_text(GOOD[3])
     out = str(tmp_path / "multi")
     res = run_cli("data_tools.preprocess", "--input", str(tmp_path / "*.parquet"), str(tmp_path / "c.txt"),
                   "--tokenizer", os.path.join(tiny, "tokenizer"), "--output-prefix", out,
                   "--workers", "2", "--merge", "--quiet")
     assert res.returncode == 0, res.stderr
-    # Sorted inputs: a.parquet, b_truncated.parquet (skipped whole), whole.parquet, c.txt (given last).
+    # Sorted inputs: a.parquet, whole.parquet, c.txt (given last).
     expected = direct(tokenizer, [GOOD[0], GOOD[1]]) + direct(tokenizer, [GOOD[2]] * 50) + direct(tokenizer, [GOOD[3]])
     assert read_docs(out) == expected
     summary = json.load(open(out + ".summary.json"))
-    reasons = " | ".join(summary["skipped"])
-    assert "a.parquet:row 2: missing (null) value" in reasons and "a.parquet:row 3: empty document" in reasons
-    assert "b_truncated.parquet: unreadable Parquet" in reasons
+    assert summary["skipped_by_reason"]["null_value"]["examples"] == [f"{tmp_path}/a.parquet:row 2: null_value "
+                                                                      "(column 'text')"]
+    assert summary["skipped_by_reason"]["empty_document"]["examples"] == [f"{tmp_path}/a.parquet:row 3: "
+                                                                          "empty_document"]
     assert not os.path.exists(out + ".00000.bin")  # shards were merged away
 
 
@@ -180,34 +177,76 @@ def test_help_explains():
     assert res.returncode == 0 and "--json-key" in res.stdout and "EOS" in res.stdout
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
-def test_interrupted_cli_leaves_no_complete_looking_output(tiny, tmp_path, sig):
-    """The input is a pipe we feed by hand, so the run is interrupted at a known point."""
-    import signal
-    import time
+def file_digests(directory: str) -> dict:
+    import hashlib
 
+    return {n: hashlib.sha256(open(os.path.join(directory, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, n))}
+
+
+def start_fifo_run(tiny, tmp_path, out, workers="1"):
+    """A preprocess CLI reading a pipe we feed by hand (so it is stopped at a known point)."""
     fifo = str(tmp_path / "stream.jsonl")
     os.mkfifo(fifo)
-    out = str(tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", "--input", fifo, "--tokenizer",
-                             os.path.join(tiny, "tokenizer"), "--output-prefix", out, "--workers", "1",
+                             os.path.join(tiny, "tokenizer"), "--output-prefix", out, "--workers", workers,
                              "--chunk-mb", "0.00001", "--quiet"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     writer = open(fifo, "w")
     for _ in range(20):
         writer.write(json.dumps({"text": GOOD[1]}) + "\n")
     writer.flush()
-    deadline = time.monotonic() + 120
-    while not [f for f in os.listdir(tmp_path) if f.startswith("out.bin.tmp-")]:
+    return proc, writer
+
+
+def wait_for(condition, proc, timeout=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
+        time.sleep(0.1)
+
+
+def run_dirs(directory) -> list:
+    return [n for n in os.listdir(directory) if ".run-" in n]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_interrupted_cli_keeps_the_previous_output(tiny, tmp_path, sig):
+    """Ctrl-C / SIGTERM / SIGKILL mid-run: the previous complete output is untouched; a clean stop
+    removes its run directory, a killed run's directory is removed by the next run."""
+    import signal
+
+    from data_tools.preprocess import main
+
+    outdir = tmp_path / "data"
+    out = str(outdir / "out")
+    (tmp_path / "old.jsonl").write_text(json.dumps({"text": GOOD[0]}) + "\n")
+    assert main(["--input", str(tmp_path / "old.jsonl"), "--tokenizer", os.path.join(tiny, "tokenizer"),
+                 "--output-prefix", out, "--workers", "0", "--quiet"]) == 0
+    before = file_digests(outdir)
+    proc, writer = start_fifo_run(tiny, tmp_path, out)
+    wait_for(lambda: any(n.endswith(".bin.tmp-%d" % proc.pid) for d in run_dirs(outdir)
+                         for n in os.listdir(outdir / d)), proc)
     proc.send_signal(getattr(signal, sig))
-    proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=60)
     writer.close()
-    left = sorted(os.listdir(tmp_path))
-    assert not any(f in left for f in ("out.bin", "out.idx", "out.meta.json", "out.summary.json")), left
-    if sig == "SIGINT":  # a clean interrupt also removes its temporary files
-        assert left == ["stream.jsonl"], left
-    with pytest.raises(IndexedDataError):
-        check_indexed_pair(out)
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[sig], err
+    assert "Traceback" not in err
+    assert file_digests(outdir) == before
+    assert read_docs(out) == direct_ids(tiny, [GOOD[0]])
+    assert len(run_dirs(outdir)) == (1 if sig == "SIGKILL" else 0)
+    # The next run cleans a dead run's leftovers and replaces the output.
+    (tmp_path / "new.jsonl").write_text(json.dumps({"text": GOOD[2]}) + "\n")
+    assert main(["--input", str(tmp_path / "old.jsonl"), str(tmp_path / "new.jsonl"), "--tokenizer",
+                 os.path.join(tiny, "tokenizer"), "--output-prefix", out, "--workers", "0", "--quiet"]) == 0
+    assert run_dirs(outdir) == [] and not os.path.exists(out + ".bin")
+    assert read_docs(out + ".00001") == direct_ids(tiny, [GOOD[2]])
+
+
+def direct_ids(tiny, texts):
+    from tokenizers import Tokenizer
+
+    return direct(Tokenizer.from_file(os.path.join(tiny, "tokenizer", "tokenizer.json")), texts)

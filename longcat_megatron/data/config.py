@@ -41,6 +41,9 @@ class DataConfig:
     # ``paths`` hold packed chat data made by ``python -m data_tools.sft`` (PREFIX + PREFIX_loss_mask):
     # loss on assistant tokens only, read by ``build_sft_iterators``.
     sft: bool = False
+    # Training and --dry-run check that sampled documents end with the EOS id (catches swapped
+    # .bin/.idx files and a wrong tokenizer); false for data made without EOS on purpose.
+    check_eod: bool = True
 
     def prefixes(self) -> list[str]:
         """The dataset prefixes in ``paths`` (weights dropped)."""

@@ -28,7 +28,7 @@ import torch
 from longcat_megatron.data.config import DataConfig, DataConfigError
 from longcat_megatron.data.fingerprint import check_fingerprint, dataset_fingerprint  # noqa: F401 (API)
 from longcat_megatron.data.horizon import MID_LEVEL_SURPLUS
-from longcat_megatron.data.indexed_files import check_indexed_pair
+from longcat_megatron.data.check import check_data
 from longcat_megatron.data.mcore_helpers import ensure_dataset_helpers
 from longcat_megatron.data.sampler import check_batch_layout, micro_batch_indices
 from longcat_megatron.data.tokenizer import resolve_eod_token_id
@@ -99,9 +99,7 @@ def build_gpt_datasets(data_cfg: DataConfig, *, seed: int, train_samples: int, e
         raise DataConfigError("data.sft=true: packed chat data is read by longcat_megatron.data.sft."
                               "build_sft_iterators, not build_pretrain_iterators")
     ensure_dataset_helpers()
-    if not data_cfg.mock:
-        for prefix in data_cfg.prefixes():
-            check_indexed_pair(prefix)
+    check_data(data_cfg)
     config = gpt_dataset_config(data_cfg, seed=seed)
     cls = MockGPTDataset if data_cfg.mock else GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(

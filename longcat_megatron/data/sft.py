@@ -25,6 +25,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatr
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
+from longcat_megatron.data.check import check_data
 from longcat_megatron.data.config import DataConfig, DataConfigError
 from longcat_megatron.data.indexed_files import IndexedDataError, check_indexed_pair
 from longcat_megatron.data.mcore_helpers import ensure_dataset_helpers
@@ -143,7 +144,7 @@ def build_sft_datasets(data_cfg: DataConfig, *, seed: int, train_samples: int, e
     if not data_cfg.sft or data_cfg.mock:
         raise DataConfigError("build_sft_iterators needs data.sft=true and data.paths with prefixes made by "
                               "`python -m data_tools.sft` (data.mock is not supported for SFT)")
-    data_cfg.validate()
+    check_data(data_cfg)
     ensure_dataset_helpers()
     prefixes = data_cfg.prefixes()
     config = SFTDatasetConfig(
