@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from data_tools.run_output import is_run_dir_name
 from data_tools.validation import InputFileError
 from longcat_megatron.errors import UserInputError
 
@@ -51,7 +52,10 @@ def expand_inputs(patterns: list[str], excluded: Optional[list] = None, is_outpu
     files: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            matches = [os.path.join(r, f) for r, _, fs in os.walk(pattern) for f in fs]
+            matches = []
+            for r, dirs, fs in os.walk(pattern):
+                dirs[:] = [d for d in dirs if not is_run_dir_name(d)]  # runs in progress (ours included)
+                matches += [os.path.join(r, f) for f in fs]
         else:
             matches = glob.glob(pattern, recursive=True)
         matches = [m for m in matches if os.path.exists(m) and not os.path.isdir(m)]  # files, pipes
