@@ -129,9 +129,11 @@ def take(cfg, *, consumed, n, dp_rank, dp_size, mbs=2, gbs=4):
 
 def test_sft_cli_counts_bad_lines(sft_data):
     _, _, summary = sft_data
-    assert summary.documents == 120 and summary.skipped_count == 2
-    assert any(":7: malformed JSON" in s for s in summary.skipped)
-    assert any(":8: conversation has no assistant turn" in s for s in summary.skipped)
+    assert summary.conversations == 120 and summary.skipped == 2
+    assert summary.skipped_by_reason["malformed_json"]["examples"][0].endswith(
+        ":7: malformed_json (Expecting value (column 1))")
+    assert summary.skipped_by_reason["no_assistant_turn"]["examples"][0].endswith(":8: no_assistant_turn")
+    assert 0 < summary.packed_samples < summary.conversations
 
 
 def conversation_lengths_by_pack(prefix: str) -> dict:
@@ -214,3 +216,123 @@ def test_sft_cli_uses_the_tokenizers_chat_template(tiny, tokenizer, tmp_path):
     for i in range(len(ids)):
         runs += [tokenizer.decode(r) for r in masked_runs(ids[i].tolist(), masks[i].tolist())]
     assert runs == [r + "<|im_end|>\n" for r in replies]
+
+
+# A Llama/Mistral-style template: roles must alternate (raise_exception), and a generation prompt that
+# ends with a space, so the reply's first word is tokenized together with it.
+ALTERNATING = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}{% endif %}"
+    "{% if m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}Assistant: {{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+def _chat(*turns, **extra):
+    roles = ["user", "assistant"] * len(turns)
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in zip(roles, turns)], **extra})
+
+
+def test_sft_adversarial_records_are_counted_skips(tiny, tokenizer, tmp_path, capsys):
+    from data_tools.chat_format import longcat_pieces
+    from data_tools.sft import main as sft_main
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tools = [{"name": "add", "parameters": {"a": "int"}}]
+    user = {"role": "user", "content": "hi"}
+    lines = [
+        _chat("use a tool", "ok", tools=tools),                                                    # 1 good + tools
+        json.dumps({"messages": [user, {"role": "assistant", "content": "x", "tool_calls": 5}]}),  # 2
+        json.dumps({"messages": [user, {"role": "assistant", "content": "x", "tool_calls": {"name": "f"}}]}),  # 3
+        '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',  # 4
+        json.dumps({"messages": [{"role": "bot", "content": "x"}]}),                                # 5
+        json.dumps({"messages": [user, {"role": "assistant", "content": 5}]}),                      # 6
+        json.dumps({"messages": [user]}),                                                           # 7
+        _chat("q", "a", tools="add"),                                                               # 8
+        "[]",                                                                                       # 9
+        json.dumps({"messages": [user, {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}),
+        _chat("second", "fine"),                                                                    # 11 good
+        _chat("a long question " * 40, "a long answer " * 40),                                      # 12 too long
+    ]
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--input", str(tmp_path / "chats.jsonl"), "--tokenizer", os.path.join(tiny, "tokenizer"),
+            "--output-prefix", str(tmp_path / "lc"), "--seq-length", "200", "--workers", "0", "--quiet"]
+    assert sft_main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("conversations: 2  packed samples: 1  ")
+    summary = json.load(open(tmp_path / "lc.summary.json"))
+    assert {c: e["count"] for c, e in summary["skipped_by_reason"].items()} == {
+        "bad_tool_calls": 3, "lone_surrogate": 1, "bad_message": 1, "bad_content": 1, "no_assistant_turn": 1,
+        "bad_tools": 1, "not_an_object": 1, "too_long": 1}
+    assert [e.split(": ", 1)[1] for e in summary["skipped_by_reason"]["bad_tool_calls"]["examples"]] == [
+        "bad_tool_calls (messages[1].tool_calls is a JSON number, not a list)",
+        "bad_tool_calls (messages[1].tool_calls is a JSON object, not a list)",
+        "bad_tool_calls (messages[1].tool_calls[0] has no string 'name' (or function.name))"]
+    # The tools of a record are part of the (no-loss) prompt in longcat mode.
+    ids = IndexedDataset(str(tmp_path / "lc"))
+    msgs = json.loads(lines[0])["messages"]
+    expected = sum((tokenizer.encode(t, add_special_tokens=False).ids + ([EOS] if loss else [])
+                    for t, loss in longcat_pieces(msgs, tools)), [])
+    assert ids[0].tolist() == expected and tokenizer.decode(expected).startswith("TOOLS:[{")
+    # --truncate keeps the over-long conversation, cut to seq-length + 1 tokens ending with EOS.
+    assert sft_main(args + ["--truncate"]) == 0
+    ids = IndexedDataset(str(tmp_path / "lc"))
+    assert len(ids) == 3 and len(ids[2]) == 201 and ids[2][-1] == EOS
+    # Nothing usable at all: an error, not an empty dataset.
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[1:10]) + "\n")
+    capsys.readouterr()
+    assert sft_main(args[:1] + [str(tmp_path / "bad.jsonl")] + args[2:3] + args[3:4] + ["--output-prefix",
+                    str(tmp_path / "none")] + args[6:]) == 2
+    assert "produced no documents" in capsys.readouterr().err and not os.path.exists(tmp_path / "none.bin")
+
+
+def test_sft_hf_template_exceptions_skip_and_boundary_token_is_learned(tiny, tokenizer, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokdir = str(tmp_path / "tok")
+    shutil.copytree(os.path.join(tiny, "tokenizer"), tokdir)
+    cfg_file = os.path.join(tokdir, "tokenizer_config.json")
+    json.dump({**json.load(open(cfg_file)), "chat_template": ALTERNATING}, open(cfg_file, "w"))
+    lines = [_chat("hello", "the answer"),
+             json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                      {"role": "assistant", "content": "c"}]}),
+             _chat("again", "the end")]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    summary = preprocess_sft([str(tmp_path / "c.jsonl")], tokdir, str(tmp_path / "hf"), seq_length=256, workers=0)
+    assert summary.conversations == 2 and summary.skipped == 1
+    assert summary.skipped_by_reason["template_error"]["examples"][0].endswith(
+        ":2: template_error (TemplateError: Conversation roles must alternate user/assistant/user/assistant)")
+    assert any("2 assistant turn(s) start inside a token" in n for n in summary.notes)
+    ids, masks = IndexedDataset(str(tmp_path / "hf")), IndexedDataset(str(tmp_path / "hf_loss_mask"))
+    learned = [tokenizer.decode(r, skip_special_tokens=False)
+               for i in range(len(ids)) for r in masked_runs(ids[i].tolist(), masks[i].tolist())]
+    assert learned == [" the answer<|endoftext|>", " the end<|endoftext|>"]  # " the" straddles "Assistant: "
+
+
+def test_sft_cli_progress_bar_and_ctrl_c(tiny, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fifo = str(tmp_path / "chats.jsonl")
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools.sft", "--input", fifo, "--tokenizer",
+                             os.path.join(tiny, "tokenizer"), "--output-prefix", str(tmp_path / "out" / "s"),
+                             "--seq-length", "64", "--workers", "1"], cwd=root,
+                            env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = open(fifo, "w")
+    writer.write(_chat("hi", "there") + "\n")
+    writer.flush()
+    deadline = time.monotonic() + 120
+    while not (os.path.isdir(tmp_path / "out") and os.listdir(tmp_path / "out")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    writer.close()
+    assert proc.returncode == 130 and "sft:" in err and "interrupted (Ctrl-C): nothing was written" in err, err
+    assert "Traceback" not in err and os.listdir(tmp_path / "out") == []
