@@ -307,6 +307,12 @@ def test_sft_hf_template_exceptions_skip_and_boundary_token_is_learned(tiny, tok
     learned = [tokenizer.decode(r, skip_special_tokens=False)
                for i in range(len(ids)) for r in masked_runs(ids[i].tolist(), masks[i].tolist())]
     assert learned == [" the answer<|endoftext|>", " the end<|endoftext|>"]  # " the" straddles "Assistant: "
+    # A template that does not compile is one named error, before any record is read.
+    from data_tools.chat_format import ChatFormatError
+
+    json.dump({**json.load(open(cfg_file)), "chat_template": "{% for m in messages %}"}, open(cfg_file, "w"))
+    with pytest.raises(ChatFormatError, match="chat_template does not compile"):
+        preprocess_sft([str(tmp_path / "c.jsonl")], tokdir, str(tmp_path / "hf2"), seq_length=256, workers=0)
 
 
 def test_sft_cli_progress_bar_and_ctrl_c(tiny, tmp_path):

@@ -176,6 +176,16 @@ def test_bad_files_are_named_errors_and_keep_the_previous_output(tiny, tok, tmp_
         assert expected in err and err.startswith("error: ") and "Traceback" not in err, (expected, err)
         assert file_digests(outdir) == before, expected  # a failed re-run never mixes into the old output
         assert run_dirs(outdir) == []
+    # A second live run on the same prefix is refused; the tool's own outputs are never inputs.
+    from data_tools.run_output import RunOutput
+
+    busy = RunOutput(prefix)
+    assert run(["good.jsonl"]) == 2 and "another run is writing" in capsys.readouterr().err
+    busy.abort()
+    assert preprocess_main(["--input", prefix + ".00000.*", "--tokenizer", toks, "--output-prefix",
+                            str(tmp_path / "x"), "--quiet"]) == 2
+    assert "matches only outputs of the data tools" in capsys.readouterr().err
+    assert file_digests(outdir) == before
     # A successful re-run with one input replaces both old shards (nothing stale stays).
     assert run(["good.jsonl"]) == 0
     assert sorted(os.listdir(outdir)) == ["ds.bin", "ds.idx", "ds.meta.json", "ds.summary.json"]
