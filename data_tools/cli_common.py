@@ -31,6 +31,11 @@ def run_tool(body: Callable[[], str]) -> int:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # writing outputs: disk full, permissions, ...
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"error: cannot write{where}: {exc.strerror or exc}. Free space or fix permissions and re-run; "
+              "nothing was written (the previous output, if any, is unchanged).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): nothing was written; the previous output, if any, is unchanged",
               file=sys.stderr)
