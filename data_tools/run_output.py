@@ -3,9 +3,9 @@
 A run writes every file (shards, sidecars, summary, reasons file) into a private directory
 ``DIR/.NAME.run-<pid>-<random>/`` next to the output prefix ``DIR/NAME``, holding an exclusive
 ``flock`` on ``lock`` inside it while it runs. :meth:`RunOutput.commit` runs only after everything
-is complete: it deletes the previous run's summary first (so a crash from here on never leaves a
-summary describing mixed files), removes the previous run's other files, then renames the new files
-into place, summary last. Until ``commit`` the previous run's complete output is untouched; a failed
+is complete: with SIGINT/SIGTERM held back, it deletes the previous run's summary, then all its other
+files of the prefix, then renames the new files into place, summary last (so old and new shards
+never coexist, and a summary always describes the files beside it). Until ``commit`` the previous run's complete output is untouched; a failed
 or interrupted run removes its directory (:meth:`RunOutput.abort`), and a killed one leaves a
 directory whose lock is free, which the next run with the same output directory deletes on start
 (as it does with the ``*.tmp-<pid>`` files of older versions). A second run writing the same prefix
@@ -18,6 +18,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import tempfile
 
 from longcat_megatron.errors import UserInputError
@@ -128,19 +129,25 @@ class RunOutput:
                       if self._pattern.match(n) and os.path.isfile(os.path.join(self.directory, n)))
 
     def commit(self) -> list[str]:
-        """Move the finished files into place (summary last); returns their final paths."""
+        """Move the finished files into place (summary last); returns their final paths.
+
+        SIGINT/SIGTERM wait until it is done; every old file goes before any new one arrives, so even
+        a SIGKILL in these milliseconds cannot leave old and new shards side by side.
+        """
         new = sorted(n for n in os.listdir(self.run_dir) if self._pattern.match(n))
         summary = f"{self.name}.summary.json"
-        old_summary = os.path.join(self.directory, summary)
-        if os.path.exists(old_summary):
-            os.remove(old_summary)
-        for path in self.previous_outputs():
-            if os.path.basename(path) not in new:
-                os.remove(path)
         ordered = [n for n in new if n != summary] + ([summary] if summary in new else [])
-        for n in ordered:
-            os.replace(os.path.join(self.run_dir, n), os.path.join(self.directory, n))
-        self.abort()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            old = self.previous_outputs()
+            old_summary = os.path.join(self.directory, summary)
+            for path in sorted(old, key=lambda p: p != old_summary):  # the old summary first
+                os.remove(path)
+            for n in ordered:
+                os.replace(os.path.join(self.run_dir, n), os.path.join(self.directory, n))
+            self.abort()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return [os.path.join(self.directory, n) for n in ordered]
 
     def abort(self) -> None:

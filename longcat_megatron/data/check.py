@@ -18,9 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from longcat_megatron.data.config import DataConfig
-from longcat_megatron.data.indexed_files import (
-    DTYPE_BY_CODE, IndexedDataError, check_indexed_pair, read_index_summary,
-)
+from longcat_megatron.data.indexed_files import DTYPE_BY_CODE, IndexedDataError, check_indexed_pair
 
 EOD_SAMPLES = 1024
 MASK_SUFFIX = "_loss_mask"
@@ -113,5 +111,3 @@ def check_data(data_cfg: DataConfig) -> str:
     return (f"data OK: {len(data_cfg.prefixes())} dataset(s), {documents:,} {unit}, {tokens:,} tokens"
             + (f", every sampled sequence ends with EOS {eod}" if eod is not None else ""))
 
-
-__all__ = ["check_data", "check_prefix", "read_index_summary"]
