@@ -140,16 +140,6 @@ class SkipLog:
         return {code: {"count": n, "meaning": SKIP_REASONS[code], "examples": self.examples[code]}
                 for code, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))}
 
-    def format_lines(self, reasons_file_name: str) -> list[str]:
-        """Human-readable lines: one per code with its count and examples."""
-        lines = []
-        for code, entry in self.to_json().items():
-            lines.append(f"  skipped {entry['count']:,} x {code}: {entry['meaning']}")
-            lines += [f"      {e}" for e in entry["examples"]]
-            if entry["count"] > len(entry["examples"]):
-                lines.append(f"      ... {entry['count'] - len(entry['examples']):,} more in {reasons_file_name}")
-        return lines
-
     def brief(self, limit: int = 3) -> str:
         """``3 x missing_key (e.g. f.jsonl:1: missing_key (...)), ...`` for error messages."""
         parts = [f"{e['count']} x {code} (e.g. {e['examples'][0]})"
