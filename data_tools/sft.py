@@ -217,7 +217,8 @@ def preprocess_sft(
                 packer.flush()
                 if summary.conversations == 0:
                     raise empty_output_error(f"--input {' '.join(inputs)}", skips,
-                                             "Check that each line is {\"messages\": [...]} with an assistant turn.")
+                                             "Check that each line is {\"messages\": [...]} with an assistant turn.",
+                                             unit="conversations")
                 meta = {"kind": "sft", "template": mode, "seq_length": seq_length,
                         "tokenizer": os.path.abspath(tokenizer)}
                 ids_counts = ids_w.finalize(meta)

@@ -147,9 +147,9 @@ class SkipLog:
         return "; ".join(parts) if parts else "no records"
 
 
-def empty_output_error(what: str, skips: SkipLog, hint: str) -> InputFileError:
+def empty_output_error(what: str, skips: SkipLog, hint: str, unit: str = "documents") -> InputFileError:
     """The error for a run (or input file) that produced nothing: what was skipped and the fix."""
     return InputFileError(
-        f"{what} produced no documents ({skips.total} records skipped: {skips.brief()}). {hint} "
+        f"{what} produced no {unit} ({skips.total} records skipped: {skips.brief()}). {hint} "
         "Nothing was written."
     )

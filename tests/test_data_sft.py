@@ -283,7 +283,7 @@ def test_sft_adversarial_records_are_counted_skips(tiny, tokenizer, tmp_path, ca
     capsys.readouterr()
     assert sft_main(args[:1] + [str(tmp_path / "bad.jsonl")] + args[2:3] + args[3:4] + ["--output-prefix",
                     str(tmp_path / "none")] + args[6:]) == 2
-    assert "produced no documents" in capsys.readouterr().err and not os.path.exists(tmp_path / "none.bin")
+    assert "produced no conversations (9 records skipped: 3 x bad_tool_calls" in capsys.readouterr().err and not os.path.exists(tmp_path / "none.bin")
 
 
 def test_sft_hf_template_exceptions_skip_and_boundary_token_is_learned(tiny, tokenizer, tmp_path):
