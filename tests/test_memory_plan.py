@@ -1,7 +1,7 @@
 """The --dry-run memory plan: its activation estimate against the measured peak memory of CPU runs,
 and the over-budget refusal.
 
-Peak memory is measured in a fresh process whose glibc serves every allocation over 64 KiB with
+Peak memory is measured in a fresh process whose glibc serves every allocation over 8 KiB with
 mmap (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors: one warm-up training
 step (gradients allocated), then the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and
 the peak of the next forward + backward over the RSS before it is the step's activation peak.
@@ -100,7 +100,8 @@ def measure(names: list) -> None:
 def measured_peaks(names: list) -> dict:
     from longcat_megatron.runtime import free_port
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", LONGCAT_FORCE_CPU="1",
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="8192", MALLOC_TRIM_THRESHOLD_="0",
+               MALLOC_TOP_PAD_="0", OMP_NUM_THREADS="1", LONGCAT_FORCE_CPU="1",
                TORCHDYNAMO_DISABLE="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-c", f"from tests.test_memory_plan import measure; measure({names!r})"],
