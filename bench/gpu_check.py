@@ -1,7 +1,7 @@
 """One command that runs the real GPU path on one GPU (NCCL, world size 1, bf16) and prints a table.
 
     bash bench/fetch_gpu_wheels.sh          # once, on a machine with PyPI access: wheels -> .whl/
-    python bench/gpu_check.py               # on the GPU machine (about 3-5 minutes on one H100)
+    python bench/gpu_check.py               # on the GPU machine (budget: 6 minutes on one H100)
     python bench/gpu_check.py --cpu         # the same steps at tiny sizes on CPU (gloo); CI runs this
 
 Steps (each reported as a row; the command exits 1 if any check fails):
