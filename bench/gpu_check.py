@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEELS = os.path.join(ROOT, ".whl")
@@ -354,8 +355,14 @@ def main(argv=None) -> int:
         if "train" not in args.skip:
             if not args.cpu:
                 torch.use_deterministic_algorithms(True, warn_only=True)
-            rows.append(check_resume(work, size, bf16))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rows.append(check_resume(work, size, bf16))
             torch.use_deterministic_algorithms(False)
+            nondeterministic = sorted({str(w.message).split(" does not have a deterministic")[0]
+                                       for w in caught if "deterministic" in str(w.message)})
+            if nondeterministic:  # the ops to look at first when the bitwise comparison fails
+                rows[-1]["detail"] += "; ops without a deterministic CUDA kernel: " + ", ".join(nondeterministic)
             if "export" not in args.skip:
                 rows.append(check_export(rows[-1].pop("checkpoint"), work))
         if "layer" not in args.skip:
