@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEELS = os.path.join(ROOT, ".whl")
 # What the check imports beyond torch (megatron-core, HF export/verify, configs, progress).
 REQUIREMENTS = ("megatron-core==0.16.1", "transformers==5.23.0", "safetensors", "tokenizers",
-                "PyYAML", "numpy", "psutil", "tqdm")
+                "PyYAML", "numpy", "psutil", "tqdm", "packaging>=24.2")
 MODULES = ("megatron.core", "transformers", "safetensors", "tokenizers", "yaml", "numpy", "psutil", "tqdm")
 REEXEC_MARK = "LONGCAT_GPU_CHECK_VENV"
 
@@ -88,9 +88,12 @@ def ensure_dependencies() -> None:
                             "--clear", venv], check=True)
     has_pip = subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0
     pip = [python, "-m", "pip"] if has_pip else [sys.executable, "-m", "pip", "--python", python]
-    cmd = pip + ["install", "--no-index", "--find-links", WHEELS, "--quiet", *REQUIREMENTS]
-    print("gpu_check: " + " ".join(cmd[len(pip):]), flush=True)
-    subprocess.run(cmd, check=True)
+    # megatron-core alone without dependencies (it declares torch, which must stay this machine's
+    # own), then the rest with theirs (numpy, packaging and all HF needs come from .whl/).
+    for extra, reqs in ((["--no-deps"], REQUIREMENTS[:1]), ([], REQUIREMENTS[1:])):
+        cmd = pip + ["install", "--no-index", "--find-links", WHEELS, "--quiet", *extra, *reqs]
+        print("gpu_check: " + " ".join(cmd[len(pip):]), flush=True)
+        subprocess.run(cmd, check=True)
     os.environ[REEXEC_MARK] = "1"
     os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
 
@@ -336,7 +339,12 @@ def main(argv=None) -> int:
     else:
         # Bitwise resume needs deterministic kernels; cuBLAS needs this set before CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print("gpu_check: torch is not installed; this check uses the machine's own torch (with CUDA)",
+              file=sys.stderr)
+        return 2
 
     from longcat_megatron import runtime
 
