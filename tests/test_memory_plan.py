@@ -158,9 +158,9 @@ def test_ngram_tables_and_experts_are_divided_by_their_own_groups():
     from longcat_megatron.planning import count_parameters
 
     counts = count_parameters(_lite())
-    layers_w = 2  # bf16 weights
-    by_tp = _lite(); by_tp.model.ngram.partition = "tensor"
-    by_group = _lite(); by_group.model.ngram.partition = "tensor_data"
+    layers_w = 2  # bf16 weights; TP8, EP8 on 256 ranks
+    by_tp = _lite(expert_tensor=8); by_tp.model.ngram.partition = "tensor"
+    by_group = _lite(expert_tensor=8); by_group.model.ngram.partition = "tensor_data"
     diff = _plan(by_tp, 256).parts["weights"] - _plan(by_group, 256).parts["weights"]
     assert diff == pytest.approx(counts.ngram_tables * layers_w * (1 / 8 - 1 / 64))
     etp8, etp1 = _plan(_lite(expert_tensor=8), 256), _plan(_lite(expert_tensor=1), 256)
