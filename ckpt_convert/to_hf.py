@@ -27,8 +27,8 @@ from ckpt_convert.dcp_reader import TorchDistReader, resolve_checkpoint_dir
 from ckpt_convert.layout import CheckpointLocator, conversion_rules, zero_expert_hf_keys
 from ckpt_convert.output_dir import atomic_output_dir
 from ckpt_convert.safetensors_writer import ShardedSafetensorsWriter, TensorSpec, parse_size
+from ckpt_convert.saved_config import RUN_CONFIG, load_model_config  # noqa: F401  (re-exported)
 
-RUN_CONFIG = "run_config.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,26 +38,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class ExportItem:
     spec: TensorSpec
     produce: Callable[[], torch.Tensor]
-
-
-def load_model_config(iter_dir: str):
-    """The ModelConfig saved next to the checkpoint (``run_config.yaml``'s model section)."""
-    import yaml
-
-    from longcat_megatron.config import ConfigError, build_section
-    from longcat_megatron.model.config import ModelConfig
-
-    path = os.path.join(iter_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        raise ConversionError(f"'{path}' is missing: the converter needs the run config saved with "
-                              "the checkpoint to know the model shape")
-    tree = yaml.safe_load(open(path)) or {}
-    try:
-        cfg = build_section(ModelConfig, tree.get("model") or {}, "model")
-        cfg.validate()
-    except (ConfigError, ValueError) as e:
-        raise ConversionError(f"{path}: {e}") from None
-    return cfg
 
 
 def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype],

@@ -52,7 +52,7 @@ def load_megatron_model(load: str, iteration: Optional[int] = None, layers: Opti
     from megatron.core import dist_checkpointing
 
     from ckpt_convert.dcp_reader import resolve_checkpoint_dir
-    from ckpt_convert.to_hf import load_model_config
+    from ckpt_convert.saved_config import load_model_config
     from longcat_megatron import runtime
     from longcat_megatron.model.factory import build_model_chunk, transformer_config
 

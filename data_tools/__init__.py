@@ -1,1 +1,2 @@
-"""Offline data tools: preprocessing to megatron-core indexed datasets, merging, SFT data, the tiny corpus."""
+"""Offline data tools: preprocessing to megatron-core indexed datasets, merging, SFT data, the tiny corpus,
+N-gram hash-collision diagnostics."""

@@ -1,8 +1,9 @@
 """``--dry-run``: validate a run config for a world size and print the plan without training.
 
 Checks the parallel sizes against the world size, the data paths, and prints the layout, batch
-arithmetic, parameter counts and a per-rank memory estimate (weights + grads + Adam state +
-activations; a first-order estimate, meant for choosing sizes, not for squeezing the last GB).
+arithmetic, parameter counts and the per-rank memory plan (``memory_plan.py``: weights, gradients,
+Adam state per sharding group, activations by part for the attention backend and recompute
+setting). A plan over ``--gpu-memory-gb`` is refused (exit 2, with the breakdown) unless ``--force``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longcat_megatron.config import RunConfig
+from longcat_megatron.errors import UserInputError
 from longcat_megatron.runtime import Layout, resolve_layout
 
 
@@ -20,6 +22,9 @@ class ParamCounts:
     embedding: int  # input embedding(s) + output layer: sharded over TP (vocab)
     dense: int  # attention, dense MLPs, norms: sharded over TP, split over PP
     expert: int  # routed experts: sharded over EP (and expert-TP), split over PP
+    ngram_tables: int = 0  # N-gram sub-tables (inside ``embedding``): over TP or ETP x EP
+    ngram_projections: int = 0  # N-gram projections (inside ``embedding``)
+    mtp: int = 0  # MTP head (not in ``total``), last pipeline stage
 
     @property
     def total(self) -> int:
@@ -32,11 +37,13 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
     h, f, L, V = m.hidden_size, m.ffn_hidden_size, m.num_layers, m.vocab_size
     if m.arch == "longcat":
         from longcat_megatron.model.ngram_config import ngram_parameter_count
-        from longcat_megatron.model.summary import total_parameters
+        from longcat_megatron.model.param_count import mtp_parameters, total_parameters
 
-        emb = 2 * V * h + (sum(ngram_parameter_count(m.ngram, V, h)) if m.ngram else 0)
+        tables, projections = ngram_parameter_count(m.ngram, V, h) if m.ngram else (0, 0)
+        emb = 2 * V * h + tables + projections
         expert = L * (m.num_experts or 0) * 3 * h * (m.moe_ffn_hidden_size or f)
-        return ParamCounts(emb, total_parameters(m) - emb - expert, expert)
+        return ParamCounts(emb, total_parameters(m) - emb - expert, expert, tables, projections,
+                           mtp_parameters(m))
     emb = V * h * (2 if m.untie_embeddings_and_output_weights else 1)
     attn = 4 * h * h + 2 * h
     if m.num_experts:
@@ -50,37 +57,64 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
 
 
 def memory_per_rank_gb(cfg: RunConfig, layout: Layout, counts: ParamCounts) -> dict:
-    """Rough per-rank memory (GB) of the largest rank."""
+    """Per-rank memory (GiB) of the largest pipeline stage: weights, gradients, optimizer,
+    activations (``memory_plan`` for LongCat; Korthikanti et al.'s estimate for the GPT baseline)."""
+    from longcat_megatron.memory_plan import GIB, memory_plan
+
+    t = cfg.train
+    num_micro = t.global_batch_size // (t.micro_batch_size * layout.data)
+    if cfg.model.arch == "longcat":
+        return {k: v / GIB for k, v in memory_plan(cfg, layout, counts, num_micro=num_micro).parts.items()}
     tp, pp, ep, dp = layout.tensor, layout.pipeline, layout.expert, layout.data
     params = counts.embedding / tp + counts.dense / (tp * pp) + counts.expert / (ep * tp * pp)
     weight_bytes = 2 if cfg.optimizer.bf16 else 4
-    grad_bytes = 4
-    # fp32 main params (bf16 only) + exp_avg + exp_avg_sq; sharded over DP by the distributed optimizer.
     optim_bytes = (4 if cfg.optimizer.bf16 else 0) + 8
     optim_shard = dp if cfg.parallel.distributed_optimizer else 1
-    m, t, d = cfg.model, cfg.train, cfg.data
-    layers_per_stage = m.num_layers / pp
-    # ~34 bytes/element per layer (Korthikanti et al.) at sequence-parallel TP sharding, x2 for the
-    # two attention blocks + MLPs of a LongCat shortcut layer.
-    per_layer = 34 * d.seq_length * t.micro_batch_size * m.hidden_size * (2 if m.arch == "longcat" else 1)
-    inflight = min(pp, t.global_batch_size // (t.micro_batch_size * dp)) if pp > 1 else 1
-    act = per_layer * layers_per_stage * inflight / (tp * layout.context)
-    logits = 4 * d.seq_length * t.micro_batch_size * m.vocab_size / (tp * layout.context) * 2
-    gb = 1024 ** 3
+    m, d = cfg.model, cfg.data
+    # 34 sbh (SP-sharded) + 5 a s^2 b (the unfused local-spec attention keeps its scores), per layer.
+    s, b, h = d.seq_length / layout.context, t.micro_batch_size, m.hidden_size
+    per_layer = (34 * s * b * h + 5 * m.num_attention_heads * s * d.seq_length * b) / tp
+    inflight = min(pp, num_micro) if pp > 1 else 1
+    act = per_layer * m.num_layers / pp * inflight
+    logits = 4 * s * b * m.vocab_size / tp * 2
     return {
-        "weights": params * weight_bytes / gb,
-        "grads": params * grad_bytes / gb,
-        "optimizer": params * optim_bytes / optim_shard / gb,
-        "activations": (act + logits) / gb,
+        "weights": params * weight_bytes / GIB,
+        "gradients": params * 4 / GIB,
+        "optimizer": params * optim_bytes / optim_shard / GIB,
+        "activations": (act + logits) / GIB,
     }
+
+
+class MemoryBudgetError(UserInputError):
+    """The memory plan does not fit ``--gpu-memory-gb``."""
+
+
+def check_budget(cfg: RunConfig, layout: Layout, mem: dict, gpu_memory_gb: float, force: bool) -> str:
+    """'' when the plan fits; otherwise raise MemoryBudgetError with the breakdown, or (``force``)
+    return a warning line."""
+    total = sum(mem.values())
+    if total <= gpu_memory_gb:
+        return ""
+    top = sorted(mem.items(), key=lambda kv: -kv[1])
+    message = (
+        f"the memory plan needs {total:.1f} GiB per rank but --gpu-memory-gb is {gpu_memory_gb:g} "
+        f"({layout.describe()}): " + ", ".join(f"{k} {v:.1f}" for k, v in top)
+        + ". Shrink it with more tensor/pipeline/expert parallelism, a smaller train.micro_batch_size, "
+        "train.recompute=selective|full, model.attention_backend=sdpa, or "
+        "model.ngram.partition=tensor_data; --force plans anyway"
+    )
+    if not force:
+        raise MemoryBudgetError(message)
+    return "  WARNING (--force): " + message
 
 
 def _count(n: float) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
-def print_plan(cfg: RunConfig, world: int) -> Layout:
-    """Validate ``cfg`` for ``world`` processes and print the plan."""
+def print_plan(cfg: RunConfig, world: int, gpu_memory_gb: float = 80.0, force: bool = False) -> Layout:
+    """Validate ``cfg`` for ``world`` processes and print the plan; a plan over ``gpu_memory_gb``
+    per rank raises :class:`MemoryBudgetError` unless ``force`` (not checked for gloo/CPU runs)."""
     p, t, d = cfg.parallel, cfg.train, cfg.data
     layout = resolve_layout(world, p.tensor, p.pipeline, p.context, p.expert, p.virtual_pipeline,
                             cfg.model.num_experts)
@@ -100,9 +134,27 @@ def print_plan(cfg: RunConfig, world: int) -> Layout:
           f"experts {_count(counts.expert)})")
     print(f"  tokens/step {tokens:,}; {t.train_iters:,} iterations = {tokens * t.train_iters / 1e9:.3f}B tokens; "
           f"{t.global_batch_size // (t.micro_batch_size * layout.data)} micro-batches per DP rank")
-    print("  memory per rank (GB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
+    print("  memory per rank (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
           + f"; total {sum(mem.values()):.2f}")
+    if cfg.model.arch == "longcat":
+        print("    " + _activation_line(cfg, layout, counts))
+    warning = "" if p.backend == "gloo" else check_budget(cfg, layout, mem, gpu_memory_gb, force)
+    if warning:
+        print(warning)
     print(f"  data: {'synthetic' if d.mock else d.paths} (seq {d.seq_length}); "
           f"checkpoints: {cfg.checkpoint.save or '-'}")
-    print("  config OK")
+    print("  config OK" + (f" (plan fits {gpu_memory_gb:g} GiB per GPU)" if p.backend != "gloo" and not warning else ""))
     return layout
+
+
+def _activation_line(cfg: RunConfig, layout: Layout, counts: ParamCounts) -> str:
+    from longcat_megatron.memory_plan import GIB, Sharding, attention_backend, memory_plan
+
+    t = cfg.train
+    sh = Sharding.of(cfg, layout)
+    plan = memory_plan(cfg, layout, counts,
+                       num_micro=t.global_batch_size // (t.micro_batch_size * layout.data))
+    stage = {"only": "", "first": ", first pipeline stage", "last": ", last pipeline stage"}[plan.stage]
+    return (f"activations (attention {attention_backend(cfg.model)}, recompute "
+            f"{getattr(t, 'recompute', 'none')}, ETP{sh.expert_tensor}, expert-DP{sh.expert_data}{stage}): "
+            + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.activation_parts.items() if v))

@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="validate config, data paths and parallel sizes, print the plan, do not train")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: plan for this many processes (default: launcher's WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="with --dry-run: memory per GPU the plan must fit (default 80); over it: exit 2")
+    p.add_argument("--force", action="store_true",
+                   help="with --dry-run: print an over-budget memory plan as a warning instead of exit 2")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="config overrides, e.g. parallel.tensor=2 train.train_iters=50")
     return p
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
         world = args.world_size or runtime.launcher_env()[1]
         try:
             data_ok = check_data(cfg.data)  # the same data check as training
-            print_plan(cfg, world)
+            print_plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb, force=args.force)
         except bad_input as e:
             return _fail(str(e))
         print(f"  {data_ok}")

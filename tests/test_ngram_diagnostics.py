@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from longcat_megatron import ngram_diagnostics
+from data_tools import ngram_diagnostics
 from tests.test_ngram_ids import brute_force_ids
 
 V, RATIO, N, K, EOS = 40, 1.3, 3, 2, 2   # tiny tables (53..59 rows) so that collisions happen

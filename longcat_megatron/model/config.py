@@ -131,7 +131,7 @@ class ModelConfig:
         if self.arch != "longcat":
             raise ModelConfigError(f"model.ngram is set but model.arch={self.arch!r}: the N-gram "
                                    "Embedding is only wired into arch: longcat (remove model.ngram)")
-        from longcat_megatron.model.summary import total_parameters
+        from longcat_megatron.model.param_count import total_parameters
 
         for message in check_ngram_rules(self.ngram, self, total_parameters(self)):
             warnings.warn(message, NgramRuleWarning, stacklevel=2)

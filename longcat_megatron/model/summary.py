@@ -11,7 +11,8 @@ head is reported separately): attention, dense MLPs, routers, norms, LM head, pl
 per layer for k = 0 ... top-k (zero experts cost nothing). The value at the budget target K_e is
 printed when configured.
 
-:func:`total_parameters` gives the same total analytically (no torch), for config checks.
+``model/param_count.py``'s :func:`total_parameters` gives the same total analytically (no torch),
+for config checks (it lives apart so that ``model/config.py`` needs none of the model modules).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import argparse
 import os
 import sys
 from collections import OrderedDict
+
+from longcat_megatron.model.param_count import total_parameters  # noqa: F401  (re-exported)
 
 # Input-embedding parts (the first matching part wins, so the N-gram parts come first).
 NGRAM_PARTS = ("N-gram tables", "N-gram projections")
@@ -53,29 +56,6 @@ def count_parameters(model) -> dict:
     for name, p in model.named_parameters():
         counts[part_of(name)] += p.numel()
     return counts
-
-
-def total_parameters(cfg) -> int:
-    """Parameters of the ``arch: longcat`` main model (MTP head excluded) from the config alone;
-    equals the sum of :func:`count_parameters` without the MTP head (tests/test_longcat_config.py)."""
-    from longcat_megatron.model.ngram_config import ngram_parameter_count
-
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
-    mla = (h * cfg.q_lora_rank + cfg.q_lora_rank
-           + cfg.q_lora_rank * heads * cfg.qk_head_dim
-           + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
-           + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-           + heads * cfg.v_head_dim * h)
-    dense = 3 * h * cfg.ffn_hidden_size
-    experts = cfg.num_experts or 0
-    expert = 3 * h * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)
-    layer = 2 * (mla + dense + 2 * h) + (experts + cfg.zero_expert_num) * h + experts * expert
-    total = 2 * cfg.vocab_size * h + cfg.num_layers * layer + h
-    if cfg.ngram is not None:
-        total += sum(ngram_parameter_count(cfg.ngram, cfg.vocab_size, h))
-        if cfg.ngram.amplification == "layernorm":
-            total += 2 * h
-    return total
 
 
 def build_on_meta(cfg):

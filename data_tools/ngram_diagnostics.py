@@ -1,6 +1,6 @@
 """Hash-collision diagnostics of the N-gram Embedding over a tokenized dataset.
 
-    python -m longcat_megatron.ngram_diagnostics --data PREFIX --vocab-size V --ratio R --n N --k K
+    python -m data_tools.ngram_diagnostics --data PREFIX --vocab-size V --ratio R --n N --k K
 
 Reads a megatron IndexedDataset (PREFIX.bin / PREFIX.idx), hashes every sequence exactly as the
 model does (each sequence starts with no predecessors; EOS resets the context) and reports per
@@ -131,7 +131,7 @@ def format_table(stats: list[TableStats]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m longcat_megatron.ngram_diagnostics",
+        prog="python -m data_tools.ngram_diagnostics",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, help="IndexedDataset prefix (PREFIX.bin, PREFIX.idx)")
