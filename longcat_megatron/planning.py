@@ -83,7 +83,7 @@ def print_plan(cfg: RunConfig, world: int) -> Layout:
     """Validate ``cfg`` for ``world`` processes and print the plan."""
     p, t, d = cfg.parallel, cfg.train, cfg.data
     layout = resolve_layout(world, p.tensor, p.pipeline, p.context, p.expert, p.virtual_pipeline,
-                            cfg.model.num_experts)
+                            cfg.model.num_experts, p.expert_tensor)
     if t.global_batch_size % (t.micro_batch_size * layout.data):
         from longcat_megatron.config import ConfigError
 

@@ -200,7 +200,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         layout = runtime.initialize(
             tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
             virtual_pipeline=p.virtual_pipeline, num_experts=cfg.model.num_experts,
-            seed=t.seed, backend=p.backend,
+            seed=t.seed, backend=p.backend, expert_tensor=p.expert_tensor,
         )
     if t.global_batch_size % (t.micro_batch_size * layout.data):
         raise ValueError(
