@@ -82,6 +82,9 @@ def transformer_config(
             moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+            # LongCat's grouped/TE experts (model/experts.py); megatron allows "moe_act" recompute
+            # only with this set.
+            moe_grouped_gemm=cfg.arch == "longcat" and cfg.expert_impl != "sequential",
         )
     return TransformerConfig(**kwargs)
 

@@ -76,6 +76,16 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
     return wrapped
 
 
+def sync_params(model_chunks: list) -> None:
+    """Finish the distributed optimizer's parameter all-gather now (it is otherwise left to the
+    next forward under ``parallel.overlap_param_gather``): before a checkpoint is written or the
+    model is handed out, the module parameters must hold the updated values."""
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def build_optimizer(cfg: RunConfig, model_chunks: list):
     """megatron-core Adam (distributed over data parallel when parallel.distributed_optimizer)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
