@@ -1,12 +1,9 @@
 """Grouped-GEMM experts == SequentialMLP (fp32 <= 1e-6, experts with zero tokens included; bf16
-close), selective recompute of the expert activation gives the same gradients, and a checkpoint
-saved with one ``model.expert_impl`` resumes with the other."""
-
-import pytest
+close), and selective recompute of the expert activation gives the same gradients. (Resume across
+implementations: tests/test_moe_layouts.py.)"""
 
 from tests.harness import run_distributed
 from tests.longcat_tiny import tiny_config
-from tests.train_utils import ROOT, run_training
 
 
 def _rel(a, b) -> float:
@@ -127,32 +124,3 @@ def test_grouped_experts_equal_sequential():
     assert out["recompute_equal"]
     assert out["bf16_out"] < 2e-2 and out["bf16_dx"] < 2e-2, out
     assert model["loss"] <= 1e-6 and model["grads"] <= 1e-6, model
-
-
-TINY_LONGCAT = f"{ROOT}/configs/tiny_longcat.yaml"
-ONE_PROC = ["parallel.tensor=1", "parallel.sequence_parallel=false", "train.train_iters=4",
-            "train.global_batch_size=4", "model.mtp_num_layers=0"]
-
-
-def _train_three(first, second, ckpt):
-    """Straight run with ``first``; the same stopped at 2 with a checkpoint; resumed with ``second``
-    (one process, three trainings in a row)."""
-    def train(overrides):
-        return run_training(ONE_PROC + overrides, TINY_LONGCAT)
-
-    straight = train([f"model.expert_impl={first}"])
-    train([f"model.expert_impl={first}", f"checkpoint.save={ckpt}", "train.exit_interval=2"])
-    return straight, train([f"model.expert_impl={second}", f"checkpoint.save={ckpt}"])
-
-
-@pytest.mark.parametrize("first,second", [("grouped", "sequential")])
-def test_checkpoint_resumes_across_expert_impls(tmp_path, first, second):
-    """Save with one implementation, resume with the other: same keys, the run continues as if
-    uninterrupted (to the fp32 rounding difference of the two implementations)."""
-    straight, resumed = run_distributed(_train_three, 1, first, second, str(tmp_path / "c"))[0]
-    assert resumed["resumed_from"] == 2
-    for it in (3, 4):
-        a, b = straight["losses"][it], resumed["losses"][it]
-        assert abs(a - b) <= 1e-5 * abs(a), (it, a, b)
-    for k, v in straight["weights"].items():
-        assert _rel(resumed["weights"][k], v) < 1e-4, k

@@ -33,6 +33,7 @@ class InFlight:
     routing: Routing
     tokens: Optional[PendingAllToAll] = None     # dispatched hidden states (in flight)
     probs: Optional[PendingAllToAll] = None      # their routing weights (in flight)
+    expert_args: Optional[tuple] = None          # (tokens, tokens_per_expert, probs) once received
     combined: Optional[PendingAllToAll] = None   # expert outputs on their way back
 
 
@@ -63,8 +64,10 @@ class ZeroExpertMoE(MoELayer):
         d = self.token_dispatcher
         hidden, probs = d.dispatch_preprocess(x, routing.ffn_map, routing.ffn_probs)
         if not self.overlap:
+            # dispatch_postprocess right away: the allgather dispatcher's gathered tokens may live
+            # in a buffer that the dense branch reuses
             hidden, probs = d.token_dispatch(hidden, probs)
-            return InFlight(x, routing, PendingAllToAll(hidden, None), PendingAllToAll(probs, None))
+            return InFlight(x, routing, expert_args=d.dispatch_postprocess(hidden, probs))
         # megatron's MoEAlltoAllTokenDispatcher.token_dispatch, with the exchange left in flight
         d.tokens_per_expert = d._maybe_dtoh_and_synchronize("before_ep_alltoall",
                                                             d.tokens_per_expert)
@@ -75,9 +78,10 @@ class ZeroExpertMoE(MoELayer):
     def run_experts(self, flight: InFlight) -> InFlight:
         """Receive the dispatched tokens, run the local experts, start sending the outputs back."""
         d = self.token_dispatcher
-        expert_input, tokens_per_expert, expert_probs = d.dispatch_postprocess(
-            flight.tokens.wait(), flight.probs.wait())
-        out, _ = self.experts(expert_input, tokens_per_expert, expert_probs)
+        if flight.expert_args is None:
+            flight.expert_args = d.dispatch_postprocess(flight.tokens.wait(), flight.probs.wait())
+        out, _ = self.experts(*flight.expert_args)
+        flight.expert_args = None
         out = d.combine_preprocess(out)
         if self.overlap:
             flight.combined = start_all_to_all(d.ep_group, out, d.input_splits, d.output_splits)
