@@ -3,12 +3,15 @@
 * ``sequential`` — megatron-core's ``SequentialMLP``: one SwiGLU ``MLP`` (two small GEMMs) per local
   expert, looped. The reference.
 * ``grouped`` — :class:`GroupedSwiGLUExperts`: all local experts as two grouped matrix products
-  (``torch._grouped_mm``: CPU fp32/bf16, Hopper GPUs) with a hand-written backward (three more grouped
-  products). Its parameters are the ``SequentialMLP`` ones (``local_experts.{i}.linear_fc1.weight``
-  ``[2F, H]`` = [gate; up], ``local_experts.{i}.linear_fc2.weight`` ``[H, F]``), so plain and
-  distributed checkpoints, HF conversion and ``parallel_slicing`` are the same for both. The stacked
-  ``[E, 2F, H]`` / ``[E, H, F]`` weights are built transiently in forward and again in backward
-  (never saved for backward: that would hold every layer's local expert weights once more).
+  (``torch._grouped_mm``: CPU fp32/bf16, Hopper GPUs) in one autograd node with a hand-written
+  backward (four more grouped products). Its parameters are the ``SequentialMLP`` ones
+  (``local_experts.{i}.linear_fc1.weight`` ``[2F, H]`` = [gate; up],
+  ``local_experts.{i}.linear_fc2.weight`` ``[H, F]``), so plain and distributed checkpoints, HF
+  conversion and ``parallel_slicing`` are the same for both. The per-expert parameters are views
+  of one ``[E, 2F, H]`` / ``[E, H, F]`` storage, read in place by the grouped kernel; where a wrapper
+  has moved them apart (megatron's distributed-optimizer buffers) a GPU stacks a transient copy
+  (never saved for backward) and a CPU loops over the experts (torch's CPU grouped kernel is a loop
+  as well, measured no faster).
 * ``te`` — megatron-core's ``TEGroupedMLP`` (TransformerEngine grouped linear, GPU only; imported
   only when chosen). Its state dict is mapped onto the same ``local_experts.{i}`` keys.
 
@@ -54,23 +57,65 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list) -> torch.Tensor:
-    """``torch._grouped_mm(a, b, offs=offs)`` where the kernel takes these shapes/dtypes, else the
-    same product group by group (``counts`` = rows of ``a`` per group, or columns for 2D x 2D).
-
-    Forms used: ``[T, K] x [E, K, N] -> [T, N]`` and ``[K, T] x [T, N] -> [E, K, N]`` (weight grad).
-    """
+def _kernel(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> Optional[torch.Tensor]:
+    """``torch._grouped_mm(a, b, offs=offs)`` where the kernel takes these strides/dtype, else None."""
     key = (a.device.type, a.dtype)
-    if _GROUPED_MM_OK.get(key, True) and _aligned(a, b):
-        try:
-            return torch._grouped_mm(a, b, offs=offs)
-        except RuntimeError:
-            _GROUPED_MM_OK[key] = False   # e.g. a GPU/dtype the kernel does not cover
-    if b.dim() == 3:
-        parts = [x @ w for x, w in zip(torch.split(a, counts, dim=0), b)]
-        return torch.cat(parts, dim=0) if parts else a.new_empty(0, b.shape[-1])
-    return torch.stack([x @ y for x, y in zip(torch.split(a, counts, dim=1),
-                                              torch.split(b, counts, dim=0))])
+    if not (_GROUPED_MM_OK.get(key, True) and _aligned(a, b)):
+        return None
+    try:
+        return torch._grouped_mm(a, b, offs=offs)
+    except RuntimeError:
+        _GROUPED_MM_OK[key] = False   # e.g. a GPU/dtype the kernel does not cover
+        return None
+
+
+def stacked_view(params: list) -> Optional[torch.Tensor]:
+    """``[E, *shape]`` view of equally shaped, contiguous ``params`` that lie evenly spaced in
+    expert order in one storage (no copy), or None."""
+    first = params[0]
+    if not first.is_contiguous() or any(
+            p.shape != first.shape or not p.is_contiguous()
+            or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            for p in params):
+        return None
+    if len(params) == 1:
+        return first.unsqueeze(0)
+    step = params[1].storage_offset() - first.storage_offset()
+    if step < first.numel() or any(p.storage_offset() != first.storage_offset() + i * step
+                                   for i, p in enumerate(params)):
+        return None
+    return first.as_strided((len(params), *first.shape), (step, *first.stride()))
+
+
+def expert_weights(params: list):
+    """The local experts' weights for the grouped products: a zero-copy ``[E, ...]`` view where
+    the parameters allow it, a stacked copy on GPU (the grouped kernel pays for it), else the list
+    (CPU: torch's grouped kernel is a loop there too, a copy would only cost)."""
+    view = stacked_view(params)
+    if view is not None:
+        return view
+    return torch.stack(params) if params[0].is_cuda else list(params)
+
+
+def grouped_rows(a: torch.Tensor, w, offs: torch.Tensor, counts: list,
+                 transpose: bool) -> torch.Tensor:
+    """Rows of ``a [T, K]`` of group e times ``w[e]`` (``w[e].T`` if ``transpose``) -> ``[T, N]``."""
+    if torch.is_tensor(w):
+        out = _kernel(a, w.transpose(1, 2) if transpose else w, offs)
+        if out is not None:
+            return out
+    parts = [x @ (we.t() if transpose else we) for x, we in zip(torch.split(a, counts), w)]
+    n = w[0].shape[0 if transpose else 1]
+    return torch.cat(parts) if parts else a.new_empty(0, n)
+
+
+def grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor,
+                        counts: list) -> torch.Tensor:
+    """``[E, N, K]``: per group e, ``dy_e.T @ x_e`` for ``dy [T, N]``, ``x [T, K]``."""
+    out = _kernel(dy.t(), x, offs)
+    if out is not None:
+        return out
+    return torch.stack([d.t() @ xe for d, xe in zip(torch.split(dy, counts), torch.split(x, counts))])
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -83,15 +128,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, probs, counts, recompute_act, n_experts, *weights):
-        w1s, w2s = weights[:n_experts], weights[n_experts:]
+        w1s, w2s = list(weights[:n_experts]), list(weights[n_experts:])
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        w1 = torch.stack(w1s)                       # [E, 2F, H]
-        h = grouped_mm(x, w1.transpose(1, 2), offs, counts)          # [T, 2F]
-        del w1
+        h = grouped_rows(x, expert_weights(w1s), offs, counts, transpose=True)       # [T, 2F]
         act = _swiglu(h)
         inter = (act * probs.unsqueeze(-1)).to(act.dtype)
-        w2 = torch.stack(w2s)                       # [E, H, F]
-        y = grouped_mm(inter, w2.transpose(1, 2), offs, counts)      # [T, H]
+        y = grouped_rows(inter, expert_weights(w2s), offs, counts, transpose=True)   # [T, H]
         ctx.counts, ctx.n_experts, ctx.recompute_act = counts, n_experts, recompute_act
         ctx.save_for_backward(x, probs, h, offs, *([] if recompute_act else [act]), *weights)
         return y
@@ -104,23 +146,18 @@ class _GroupedSwiGLU(torch.autograd.Function):
         w1s, w2s = rest[:n], rest[n:]
         dy = dy.contiguous()
         inter = (act * probs.unsqueeze(-1)).to(act.dtype)
-        w2 = torch.stack(w2s)                                        # [E, H, F]
-        d_inter = grouped_mm(dy, w2, offs, counts)                   # [T, F]
-        del w2
-        dw2 = grouped_mm(dy.t(), inter, offs, counts)                # [E, H, F]
+        d_inter = grouped_rows(dy, expert_weights(w2s), offs, counts, transpose=False)  # [T, F]
+        dw2 = grouped_weight_grad(dy, inter, offs, counts)                             # [E, H, F]
         d_scaled = d_inter.to(torch.promote_types(act.dtype, probs.dtype))
         d_probs = (d_scaled * act).sum(-1).to(probs.dtype)
         d_act = (d_scaled * probs.unsqueeze(-1)).to(act.dtype)
         gate, up = torch.chunk(h, 2, dim=-1)
         sig = torch.sigmoid(gate)
-        silu = gate * sig
         d_gate = d_act * up * (sig * (1 + gate * (1 - sig)))
-        d_up = d_act * silu
-        dh = torch.cat([d_gate, d_up], dim=-1)                       # [T, 2F]
-        w1 = torch.stack(w1s)                                        # [E, 2F, H]
-        dx = grouped_mm(dh, w1, offs, counts)                        # [T, H]
-        del w1
-        dw1 = grouped_mm(dh.t(), x, offs, counts)                    # [E, 2F, H]
+        d_up = d_act * (gate * sig)
+        dh = torch.cat([d_gate, d_up], dim=-1)                                         # [T, 2F]
+        dx = grouped_rows(dh, expert_weights(w1s), offs, counts, transpose=False)      # [T, H]
+        dw1 = grouped_weight_grad(dh, x, offs, counts)                                 # [E, 2F, H]
         return (dx, d_probs, None, None, None, *dw1.unbind(0), *dw2.unbind(0))
 
 
@@ -144,6 +181,24 @@ class GroupedSwiGLUExperts(SequentialMLP):
             raise ModelConfigError("model.expert_impl=grouped supports bias-free SwiGLU experts only "
                              f"({', '.join(problems)}); use model.expert_impl=sequential")
         self.recompute_act = recompute_moe_act(config)
+        self._share_storage()
+
+    def _share_storage(self) -> None:
+        """One storage per weight kind, experts in order, so that the grouped products read the
+        weights in place (:func:`expert_weights`). Redone after ``.cuda()`` / ``.bfloat16()``;
+        wrappers that move parameters into their own buffers (megatron's distributed-optimizer
+        DDP) undo it, and then a GPU stacks a copy and a CPU loops."""
+        for name in ("linear_fc1", "linear_fc2"):
+            params = [getattr(e, name).weight for e in self.local_experts]
+            if stacked_view(params) is None:
+                stacked = torch.stack([p.data for p in params])
+                for p, view in zip(params, stacked.unbind(0)):
+                    p.data = view
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._share_storage()
+        return out
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         counts = [int(c) for c in (tokens_per_expert.tolist()
