@@ -1,8 +1,8 @@
 """Training-level checks of the MoE execution choices, each as straight run vs stop-and-resume:
 
-* a checkpoint saved with one ``model.expert_impl`` resumes with the other;
-* a checkpoint saved at expert tensor size 2 (TP2, ETP default) resumes at ``parallel.expert_tensor=1``
-  (dist_checkpointing reshards the experts);
+* a checkpoint saved with one ``model.expert_impl`` at expert tensor size 2 (TP2, ETP default)
+  resumes with the other implementation at ``parallel.expert_tensor=1`` (same keys; dist_checkpointing
+  reshards the experts);
 * megatron's ``overlap_grad_reduce`` / ``overlap_param_gather`` and the ScMoE all-to-all overlap on
   (EP2, alltoall dispatcher, 2 micro-batches) train exactly as with all overlap off, including a
   save and resume with them on.
@@ -33,21 +33,15 @@ def _close(resumed: dict, straight: dict, rtol: float):
         assert abs(a - b) <= rtol * abs(a), (it, a, b)
 
 
-ONE_PROC = ["parallel.tensor=1", "parallel.sequence_parallel=false", "train.global_batch_size=4"]
-
-
-def test_checkpoint_resumes_across_expert_impls(tmp_path):
-    g, s = [*ONE_PROC, "model.expert_impl=grouped"], [*ONE_PROC, "model.expert_impl=sequential"]
-    straight, resumed = run_distributed(_straight_and_resumed, 1, g, g, s, str(tmp_path / "c"))[0]
-    _close(resumed, straight, 1e-5)   # the two implementations round differently (~1e-7)
-
-
-def test_checkpoint_resumes_at_other_expert_tensor_size(tmp_path):
-    tp2 = ["parallel.tensor=2", "train.global_batch_size=4"]
-    etp1 = [*tp2, "parallel.expert_tensor=1"]
-    results = run_distributed(_straight_and_resumed, 2, tp2, tp2, etp1, str(tmp_path / "c"))
-    straight, resumed = results[0]
-    _close(resumed, straight, 1e-5)
+def test_checkpoint_resumes_across_expert_impl_and_expert_tensor_size(tmp_path):
+    """Saved at TP2 with expert tensor size 2 (the default) and grouped experts; resumed at
+    expert tensor size 1 with SequentialMLP experts."""
+    tp2 = ["parallel.tensor=2", "train.global_batch_size=4", "model.expert_impl=grouped"]
+    etp1 = ["parallel.tensor=2", "train.global_batch_size=4", "model.expert_impl=sequential",
+            "parallel.expert_tensor=1"]
+    straight, resumed = run_distributed(_straight_and_resumed, 2, tp2, tp2, etp1,
+                                        str(tmp_path / "c"))[0]
+    _close(resumed, straight, 1e-5)   # other layout / implementation: other rounding (~1e-7)
 
 
 def test_overlap_on_equals_off(tmp_path):
