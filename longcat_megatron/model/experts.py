@@ -196,8 +196,11 @@ class GroupedSwiGLUExperts(SequentialMLP):
                     p.data = view
 
     def _apply(self, fn, *args, **kwargs):
+        # Re-share only what was shared: parameters a wrapper has placed in its own buffers stay.
+        shared = stacked_view([e.linear_fc1.weight for e in self.local_experts]) is not None
         out = super()._apply(fn, *args, **kwargs)
-        self._share_storage()
+        if shared:
+            self._share_storage()
         return out
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
