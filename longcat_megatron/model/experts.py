@@ -10,8 +10,8 @@
   conversion and ``parallel_slicing`` are the same for both. The per-expert parameters are views
   of one ``[E, 2F, H]`` / ``[E, H, F]`` storage, read in place by the grouped kernel; where a wrapper
   has moved them apart (megatron's distributed-optimizer buffers) a GPU stacks a transient copy
-  (never saved for backward) and a CPU loops over the experts (torch's CPU grouped kernel is a loop
-  as well, measured no faster).
+  (never saved for backward) and a CPU loops over the experts (torch's CPU grouped kernel loops over
+  the groups itself; copying all expert weights on every call cost more than it saved here).
 * ``te`` — megatron-core's ``TEGroupedMLP`` (TransformerEngine grouped linear, GPU only; imported
   only when chosen). Its state dict is mapped onto the same ``local_experts.{i}`` keys.
 
@@ -90,7 +90,7 @@ def stacked_view(params: list) -> Optional[torch.Tensor]:
 def expert_weights(params: list):
     """The local experts' weights for the grouped products: a zero-copy ``[E, ...]`` view where
     the parameters allow it, a stacked copy on GPU (the grouped kernel pays for it), else the list
-    (CPU: torch's grouped kernel is a loop there too, a copy would only cost)."""
+    (CPU: torch's grouped kernel loops over the groups too; the copy costs more than it saves)."""
     view = stacked_view(params)
     if view is not None:
         return view
