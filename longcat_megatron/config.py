@@ -36,8 +36,14 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None
     context: int = 1
     expert: int = 1
+    # Expert tensor-parallel size (experts split over this many ranks); None = parallel.tensor.
+    expert_tensor: Optional[int] = None
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    # megatron DDP: overlap the gradient reduce-scatter/all-reduce with backward, and (distributed
+    # optimizer) the parameter all-gather with the next forward.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
     # gloo/CUDA backend is chosen automatically; "auto" | "gloo" | "nccl".
     backend: str = "auto"
 
@@ -307,6 +313,17 @@ def validate(cfg: RunConfig) -> None:
             )
     elif p.expert > 1:
         raise ConfigError(f"parallel.expert={p.expert} but the model has no experts (model.num_experts)")
+    if p.expert_tensor is not None:
+        if p.expert_tensor < 1:
+            raise ConfigError(f"parallel.expert_tensor={p.expert_tensor} must be >= 1 (or null = "
+                              "parallel.tensor)")
+        width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+        if m.num_experts and width % p.expert_tensor:
+            raise ConfigError(f"parallel.expert_tensor={p.expert_tensor} does not divide the expert "
+                              f"width model.moe_ffn_hidden_size={width}")
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs parallel.distributed_optimizer="
+                          "true (the parameter all-gather is the distributed optimizer's)")
     if p.context > 1:
         if cfg.data.seq_length % (2 * p.context):
             raise ConfigError(

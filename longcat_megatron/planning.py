@@ -117,7 +117,7 @@ def print_plan(cfg: RunConfig, world: int, gpu_memory_gb: float = 80.0, force: b
     per rank raises :class:`MemoryBudgetError` unless ``force`` (not checked for gloo/CPU runs)."""
     p, t, d = cfg.parallel, cfg.train, cfg.data
     layout = resolve_layout(world, p.tensor, p.pipeline, p.context, p.expert, p.virtual_pipeline,
-                            cfg.model.num_experts)
+                            cfg.model.num_experts, p.expert_tensor)
     if t.global_batch_size % (t.micro_batch_size * layout.data):
         from longcat_megatron.config import ConfigError
 

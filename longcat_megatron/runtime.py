@@ -37,12 +37,20 @@ class Layout:
     expert: int
     data: int
     virtual_pipeline: Optional[int] = None
+    # Expert tensor-parallel size; None = tensor (megatron's default).
+    expert_tensor: Optional[int] = None
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.tensor if self.expert_tensor is None else self.expert_tensor
 
     def describe(self) -> str:
         vpp = f" VPP={self.virtual_pipeline}" if self.virtual_pipeline else ""
+        etp = (f" x ETP{self.expert_tensor}" if self.expert_tensor not in (None, self.tensor)
+               else "")
         return (
             f"world={self.world} = TP{self.tensor} x CP{self.context} x PP{self.pipeline} x "
-            f"DP{self.data} (EP{self.expert} inside DPxCPxTP){vpp}"
+            f"DP{self.data} (EP{self.expert}{etp} inside DPxCPxTP){vpp}"
         )
 
 
@@ -54,6 +62,7 @@ def resolve_layout(
     expert: int = 1,
     virtual_pipeline: Optional[int] = None,
     num_experts: Optional[int] = None,
+    expert_tensor: Optional[int] = None,
 ) -> Layout:
     """Check the sizes against the world size and return the layout, or raise ParallelSizeError."""
     model_parallel = tensor * pipeline * context
@@ -65,10 +74,14 @@ def resolve_layout(
     data = world // model_parallel
     # megatron-core places expert parallelism inside the (data x context x tensor) ranks of a stage
     # (expert-tensor size defaults to tensor).
-    if (data * context * tensor) % (expert * tensor):
+    etp = tensor if expert_tensor is None else expert_tensor
+    if expert_tensor is not None and expert_tensor < 1:
+        raise ParallelSizeError(f"expert tensor parallel size {expert_tensor} must be >= 1")
+    if (data * context * tensor) % (expert * etp):
         raise ParallelSizeError(
-            f"expert parallel size {expert} does not divide data ({data}) x context ({context}) = "
-            f"{data * context} ranks per tensor-parallel slot; use an expert size that divides it"
+            f"expert parallel size {expert} x expert tensor size {etp} = {expert * etp} does not "
+            f"divide data ({data}) x context ({context}) x tensor ({tensor}) = "
+            f"{data * context * tensor} ranks per pipeline stage; use sizes whose product divides it"
         )
     if num_experts is not None and num_experts % expert:
         raise ParallelSizeError(
@@ -76,7 +89,7 @@ def resolve_layout(
         )
     if virtual_pipeline is not None and pipeline < 2:
         raise ParallelSizeError("virtual pipeline stages need pipeline parallel size >= 2")
-    return Layout(world, tensor, pipeline, context, expert, data, virtual_pipeline)
+    return Layout(world, tensor, pipeline, context, expert, data, virtual_pipeline, expert_tensor)
 
 
 # Warnings megatron-core prints on every start without TransformerEngine/Apex; they say nothing an
@@ -161,6 +174,7 @@ def init_parallel_state(layout: Layout) -> None:
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         context_parallel_size=layout.context,
         expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor,
     )
 
 
@@ -184,10 +198,12 @@ def initialize(
     num_experts: Optional[int] = None,
     seed: int = 1234,
     backend: str = "auto",
+    expert_tensor: Optional[int] = None,
 ) -> Layout:
     """Everything a training or test process needs before building a model."""
     rank, world = init_distributed(backend)
-    layout = resolve_layout(world, tensor, pipeline, context, expert, virtual_pipeline, num_experts)
+    layout = resolve_layout(world, tensor, pipeline, context, expert, virtual_pipeline, num_experts,
+                            expert_tensor)
     init_parallel_state(layout)
     set_seed(seed)
     return layout

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         layout = runtime.initialize(
             tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
             virtual_pipeline=p.virtual_pipeline, num_experts=cfg.model.num_experts,
-            seed=cfg.train.seed, backend=p.backend,
+            seed=cfg.train.seed, backend=p.backend, expert_tensor=p.expert_tensor,
         )
     except bad_input as e:
         return _fail(str(e))

@@ -35,6 +35,10 @@ def test_resolved_config_round_trips(tmp_path):
     (["schedule.style=cosin"], r"schedule.style='cosin': use cosine, linear, constant or wsd"),
     (["train.global_batch_size=7"], r"not a multiple of train.micro_batch_size=2"),
     (["parallel.tensor"], r"not of the form section.field=value"),
+    (["parallel.expert_tensor=0"], r"parallel.expert_tensor=0 must be >= 1"),
+    (["parallel.distributed_optimizer=false", "parallel.overlap_param_gather=true"],
+     r"parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true"),
+    (["model.expert_impl=fast"], r"model.expert_impl='fast': use grouped, sequential or te"),
 ])
 def test_bad_values_name_the_field(overrides, match):
     with pytest.raises(UserInputError, match=match):

@@ -145,6 +145,7 @@ def test_shims_only_without_cuda(monkeypatch):
     (4, dict(tensor=3), "not divisible by tensor"),
     (4, dict(tensor=2, expert=4), "expert parallel size 4"),
     (4, dict(expert=2, num_experts=3), "does not divide the number of experts 3"),
+    (4, dict(tensor=2, expert=2, expert_tensor=4), "expert tensor size 4"),
 ])
 def test_bad_parallel_sizes_name_the_sizes(world, sizes, match):
     from longcat_megatron.runtime import ParallelSizeError, resolve_layout

@@ -24,14 +24,14 @@ def _batch():
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def _build(cfg, tensor=1, pipeline=1, expert=1, per_token=False):
+def _build(cfg, tensor=1, pipeline=1, expert=1, expert_tensor=None, per_token=False):
     from megatron.core import parallel_state as ps
 
     from longcat_megatron.model.factory import transformer_config
     from longcat_megatron.model.longcat import build_longcat_chunk
 
     tf = transformer_config(cfg, tensor=tensor, pipeline=pipeline, expert=expert,
-                            sequence_parallel=tensor > 1)
+                            expert_tensor=expert_tensor, sequence_parallel=tensor > 1)
     tf.calculate_per_token_loss = per_token   # the training loop's setting: loss = token sum
     model = build_longcat_chunk(cfg, tf, pre_process=ps.is_pipeline_first_stage(),
                                 post_process=ps.is_pipeline_last_stage())
@@ -140,6 +140,9 @@ def _parallel(layout, overrides, reference, per_token=False):
         checked += 1
     out["grads"], out["checked"] = worst, checked
     out["routed"] = float(sum(r.step_tokens for _, r in model.routers()))
+    from longcat_megatron.model.moe import ZeroExpertMoE
+
+    out["overlap"] = [m.overlap for m in model.modules() if isinstance(m, ZeroExpertMoE)]
     if ps.get_expert_model_parallel_world_size() > 1:
         # Steer every token away from the experts of the last EP rank: it receives zero tokens,
         # forward and backward must still work.
@@ -168,17 +171,20 @@ def refs():
     return run_distributed(_references, 1)[0]
 
 
+# The alltoall dispatcher runs the ScMoE overlap (async dispatch/combine around the dense branch).
+A2A = dict(moe_token_dispatcher_type="alltoall")
 LAYOUTS = [
-    ("tp2_sp", dict(tensor=2), 2, "lb"),
-    ("pp2", dict(pipeline=2), 2, "lb"),
-    ("ep2", dict(expert=2), 2, "nolb"),
-    ("tp2_ep2", dict(tensor=2, expert=2), 4, "nolb"),
+    ("tp2_sp", dict(tensor=2), 2, "lb", {}),
+    ("pp2", dict(pipeline=2), 2, "lb", {}),
+    ("ep2_overlap", dict(expert=2), 2, "nolb", A2A),
+    ("tp2_ep2", dict(tensor=2, expert=2), 4, "nolb", {}),
+    ("tp2_etp1_ep2_overlap", dict(tensor=2, expert=2, expert_tensor=1), 4, "nolb", A2A),
 ]
 
 
-@pytest.mark.parametrize("name,layout,world,ref_key", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_parallel_equals_single_process(refs, name, layout, world, ref_key):
-    overrides = {**AUX, **LB} if ref_key == "lb" else AUX
+@pytest.mark.parametrize("name,layout,world,ref_key,extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_parallel_equals_single_process(refs, name, layout, world, ref_key, extra):
+    overrides = {**(AUX if ref_key == "nolb" else {**AUX, **LB}), **extra}
     ref = refs[ref_key]
     results = run_distributed(_parallel, world, layout, overrides, ref, ref_key == "lb",
                               timeout=400)
@@ -194,3 +200,5 @@ def test_parallel_equals_single_process(refs, name, layout, world, ref_key):
     assert all(r["checked"] > 0 for r in results)
     if layout.get("expert", 1) > 1:   # an expert-parallel rank that receives no token works
         assert all(r["dead_expert_picks"] == 0 for r in results)
+    want_overlap = extra.get("moe_token_dispatcher_type") == "alltoall"
+    assert all(r["overlap"] and all(v == want_overlap for v in r["overlap"]) for r in results)

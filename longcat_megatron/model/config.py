@@ -51,6 +51,11 @@ class ModelConfig:
     moe_ffn_hidden_size: Optional[int] = None
     moe_token_dispatcher_type: str = "allgather"
     moe_aux_loss_coeff: float = 0.0
+    # Local FFN experts (longcat): "grouped" (grouped GEMMs), "sequential" (megatron SequentialMLP,
+    # the reference) or "te" (TransformerEngine grouped linear, GPU). Same checkpoint layout for all.
+    expert_impl: str = "grouped"
+    # ScMoE overlap (longcat): dispatch all-to-all in flight during MLP0 + Attn1, combine during MLP1.
+    scmoe_overlap: bool = True
 
     # ---- LongCat only (arch: longcat) -------------------------------------------------------
     # Zero-computation (identity) experts next to the ``num_experts`` FFN experts.
@@ -120,6 +125,9 @@ class ModelConfig:
                 f"model.moe_token_dispatcher_type={self.moe_token_dispatcher_type!r}: "
                 "use allgather or alltoall"
             )
+        if self.expert_impl not in ("grouped", "sequential", "te"):
+            raise ModelConfigError(f"model.expert_impl={self.expert_impl!r}: use grouped, "
+                                   "sequential or te")
         if self.arch == "longcat":
             self._validate_longcat()
         if self.ngram is not None:

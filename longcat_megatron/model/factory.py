@@ -26,6 +26,7 @@ def transformer_config(
     pipeline: int = 1,
     context: int = 1,
     expert: int = 1,
+    expert_tensor: Optional[int] = None,
     sequence_parallel: bool = False,
     virtual_pipeline: Optional[int] = None,
     bf16: bool = False,
@@ -56,6 +57,7 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         context_parallel_size=context,
         expert_model_parallel_size=expert,
+        expert_tensor_parallel_size=expert_tensor,
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -80,6 +82,9 @@ def transformer_config(
             moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+            # LongCat's grouped/TE experts (model/experts.py); megatron allows "moe_act" recompute
+            # only with this set.
+            moe_grouped_gemm=cfg.arch == "longcat" and cfg.expert_impl != "sequential",
         )
     return TransformerConfig(**kwargs)
 

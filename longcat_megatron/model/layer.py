@@ -7,8 +7,10 @@
     a1 = b0 + Attn1(norm_in1(b0))
     y  = a1 + MLP1(norm_post1(a1)) + m
 
-The MoE is started (route + dispatch) before MLP0 and finished (experts + combine) after MLP1, so
-its communication can overlap with the dense branch on GPU.
+ScMoE overlap (``model.scmoe_overlap``, alltoall dispatcher, EP > 1): the dispatch all-to-all is
+issued right after the router and is in flight during MLP0 + Attn1; then the local experts run and
+the combine all-to-all is issued, in flight during MLP1, joined at the end of the layer. Without
+overlap the same three parts run synchronously in the same order (identical numbers).
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ class ShortcutLayer(MegatronModule):
     def forward(self, x: torch.Tensor, rotary, attention_mask: Optional[torch.Tensor] = None):
         a0 = x + self.self_attention_0(self.input_layernorm_0(x), rotary, attention_mask)
         u0 = self.pre_mlp_layernorm_0(a0)
-        moe_in_flight = self.mlp.dispatch_tokens(u0)
+        moe = self.mlp.dispatch_tokens(u0)              # dispatch in flight ...
         b0 = a0 + self.mlps_0(u0)[0]
         a1 = b0 + self.self_attention_1(self.input_layernorm_1(b0), rotary, attention_mask)
+        moe = self.mlp.run_experts(moe)                 # ... joined; experts; combine in flight ...
         y = a1 + self.mlps_1(self.pre_mlp_layernorm_1(a1))[0]
-        return y + self.mlp.combine_tokens(moe_in_flight)
+        return y + self.mlp.combine_tokens(moe)         # ... joined

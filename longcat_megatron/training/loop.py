@@ -26,6 +26,7 @@ from longcat_megatron.training.setup import (
     build_scheduler,
     parameters_on_rank,
     model_hook,
+    sync_params,
 )
 from longcat_megatron.training.signals import EXIT_REQUEUE, StopRequest
 
@@ -200,7 +201,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         layout = runtime.initialize(
             tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
             virtual_pipeline=p.virtual_pipeline, num_experts=cfg.model.num_experts,
-            seed=t.seed, backend=p.backend,
+            seed=t.seed, backend=p.backend, expert_tensor=p.expert_tensor,
         )
     if t.global_batch_size % (t.micro_batch_size * layout.data):
         raise ValueError(
@@ -284,6 +285,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         save_config(cfg, path)
 
     def save() -> str:
+        sync_params(model)
         path = ckpt.save_checkpoint(
             save_dir, model, optimizer, scheduler, state, config_yaml_writer=write_config,
             fully_reshardable=c.fully_reshardable, async_save=c.async_save, async_queue=async_queue,
@@ -355,6 +357,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     stop.restore()
     log.close()
     result.iteration = state.iteration
+    sync_params(model)
     result.model_chunks = model
     if log.history:
         first, last = log.history[0], log.history[-1]

@@ -19,6 +19,7 @@ def build_transformer_config(cfg: RunConfig, layout: Layout):
         pipeline=layout.pipeline,
         context=layout.context,
         expert=layout.expert,
+        expert_tensor=layout.expert_tensor,
         sequence_parallel=cfg.parallel.sequence_parallel,
         virtual_pipeline=layout.virtual_pipeline,
         bf16=cfg.optimizer.bf16,
@@ -60,7 +61,8 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
         return chunks
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         check_for_nan_in_grad=True,
     )
@@ -72,6 +74,16 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
     for w in wrapped:
         w.broadcast_params()
     return wrapped
+
+
+def sync_params(model_chunks: list) -> None:
+    """Finish the distributed optimizer's parameter all-gather now (it is otherwise left to the
+    next forward under ``parallel.overlap_param_gather``): before a checkpoint is written or the
+    model is handed out, the module parameters must hold the updated values."""
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(cfg: RunConfig, model_chunks: list):
@@ -91,6 +103,7 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         bf16=o.bf16,
         params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
     return get_megatron_optimizer(opt_cfg, model_chunks)
 
