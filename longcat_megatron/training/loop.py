@@ -340,6 +340,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         state.iteration += 1
         state.consumed_train_samples += t.global_batch_size
         note_progress(state.iteration)
+        watchdog.beat(state.iteration)
         loss = _global_loss(reports)
         result.losses[state.iteration] = loss
         result.grad_norms[state.iteration] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -359,7 +360,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         maybe_inject("signal_after_step", state.iteration, rank)
         maybe_inject("crash_after_step", state.iteration, rank)
         maybe_inject("hang_after_step", state.iteration, rank)
-        watchdog.beat(state.iteration)
+        watchdog.beat()  # evaluation and async-save finalization are not hangs either
         reason = stop.agreed()
         if save_dir and c.save_interval and state.iteration % c.save_interval == 0:
             result.checkpoint = save()
