@@ -113,9 +113,11 @@ lc_committed_iteration() {
 }
 
 # Overrides that make a stage start from a previous stage's checkpoint ($2) unless its own directory
-# ($1) already holds one (then it resumes itself: requeues and resubmissions continue this stage).
-#   $3 = 1: weights only (fresh optimizer, LR schedule and iteration: checkpoint.finetune=true)
-#   $3 = 0: continue the previous stage's optimizer, schedule and iteration (checkpoint.load=$2)
+# ($1) already holds one (then it resumes itself: requeues and resubmissions continue this stage; the
+# trainer applies the same rule, checkpoint.save before checkpoint.load). Either way the stage has its
+# own iteration counter (from 0), LR schedule and data position:
+#   $3 = 1: weights only, fresh Adam state (checkpoint.finetune=true)
+#   $3 = 0: weights and the previous stage's Adam state (checkpoint.reset_schedule=true)
 lc_init_from() {
     local own="$1" from="$2" fresh="$3"
     if [ -n "$(lc_committed_iteration "$own")" ]; then
@@ -127,7 +129,7 @@ lc_init_from() {
     if [ "$fresh" = 1 ]; then
         echo "checkpoint.finetune=true"
     else
-        echo "checkpoint.allow_data_change=true"
+        echo "checkpoint.reset_schedule=true"
     fi
 }
 
