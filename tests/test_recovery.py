@@ -51,32 +51,63 @@ def test_hang_is_dumped_and_exits_76_and_a_crash_is_recorded(tmp_path):
         "3\tInjectedCrash: injected crash after iteration 3\n"
 
 
-def _bash(script: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", f"source launch/common.sh; {script}"], cwd=ROOT, text=True,
-                          capture_output=True, env=dict(os.environ, **env), timeout=60)
+def _bash(script: str) -> str:
+    out = subprocess.run(["bash", "-c", f"source launch/common.sh; {script}"], cwd=ROOT, text=True,
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def test_crash_requeue_decision(tmp_path):
-    records = tmp_path / "failures"
+    records, codes, history = tmp_path / "failures", tmp_path / "codes", tmp_path / "history"
     records.write_text("3\tInjectedCrash: injected crash after iteration 3\n"
                        "3\tRuntimeError: Connection closed by peer\n")
-    out = _bash(f'lc_failure_signature "{records}" /nonexistent 1')
-    assert out.stdout.strip() == "iteration 3: InjectedCrash: injected crash after iteration 3"
-    codes = tmp_path / "codes"
     codes.write_text("-9\n1\n")
-    out = _bash(f'LC_COMMITTED_AT_START=5 lc_failure_signature /nonexistent "{codes}" 1')
-    assert out.stdout.strip() == "exit 1 (rank exits -9 1) after checkpoint 5"
+    decide = 'lc_crash_decision "{h}" {job} "{sig}"; echo "rc=$?"'.format
+    out = _bash("; ".join([
+        f'lc_failure_signature "{records}" /nonexistent 1',
+        f'LC_COMMITTED_AT_START=5 lc_failure_signature /nonexistent "{codes}" 1',
+        decide(h=history, job=7, sig="iteration 3: A"),
+        decide(h=history, job=7, sig="iteration 3: A"),   # identical -> stop
+        "MAX_CRASH_REQUEUES=2",
+        decide(h=history, job=8, sig="iteration 3: A"),
+        decide(h=history, job=8, sig="iteration 9: B"),
+        decide(h=history, job=8, sig="iteration 12: C"),  # third failure of job 8 -> stop
+        "MAX_CRASH_REQUEUES=0",
+        decide(h=history, job=9, sig="x"),
+    ])).splitlines()
+    assert out[0] == "iteration 3: InjectedCrash: injected crash after iteration 3"  # the first record
+    assert out[1] == "exit 1 (rank exits -9 1) after checkpoint 5"  # no record: the exit codes
+    rcs = [line for line in out if line.startswith("rc=")]
+    assert rcs == ["rc=0", "rc=1", "rc=0", "rc=0", "rc=1", "rc=1"], out
+    text = "\n".join(out)
+    assert "requeueing after failure 1 of at most 3 (MAX_CRASH_REQUEUES)" in text
+    assert "the same failure as this job's previous run (iteration 3: A): not requeueing" in text
+    assert "job 8 already failed 2 time(s) (MAX_CRASH_REQUEUES=2): not requeueing" in text
+    assert "job 9 already failed 0 time(s) (MAX_CRASH_REQUEUES=0)" in text
 
-    history = tmp_path / "history"
-    decide = f'lc_crash_decision "{history}" "$JOB" "$SIG"; echo "rc=$?"'
-    first = _bash(decide, JOB="7", SIG="iteration 3: A")
-    assert "rc=0" in first.stdout and "failure 1 of at most 3" in first.stdout
-    # the same failure at the same iteration again: a deterministic failure, not requeued
-    again = _bash(decide, JOB="7", SIG="iteration 3: A")
-    assert "rc=1" in again.stdout and "the same failure as this job's previous run" in again.stdout
-    # different failures are requeued up to MAX_CRASH_REQUEUES (per job)
-    assert "rc=0" in _bash(decide, JOB="8", SIG="iteration 3: A", MAX_CRASH_REQUEUES="2").stdout
-    assert "rc=0" in _bash(decide, JOB="8", SIG="iteration 9: B", MAX_CRASH_REQUEUES="2").stdout
-    third = _bash(decide, JOB="8", SIG="iteration 12: C", MAX_CRASH_REQUEUES="2")
-    assert "rc=1" in third.stdout and "already failed 2 time(s) (MAX_CRASH_REQUEUES=2)" in third.stdout
-    assert "rc=1" in _bash(decide, JOB="9", SIG="x", MAX_CRASH_REQUEUES="0").stdout
+
+def test_exit_duration_clock_starts_at_job_start(monkeypatch):
+    """The limit counts from the job's start (the launcher's LONGCAT_JOB_START_TIME), not from the
+    trainer's: a trainer that starts 50 s into a 1-minute budget stops after ~10 s of its own."""
+    import time
+
+    from longcat_megatron.training.signals import StopRequest, job_start_time
+
+    now = time.time()
+    monkeypatch.setenv("LONGCAT_JOB_START_TIME", str(int(now) - 50))
+    assert job_start_time() == int(now) - 50
+    stop = StopRequest(False, exit_duration_mins=1.0, started_at=job_start_time())
+    assert stop.local_reason() is None
+    stop.started -= 11  # 61 s since the job started
+    assert stop.local_reason() == "exit-duration limit"
+    monkeypatch.delenv("LONGCAT_JOB_START_TIME")
+    monkeypatch.delenv("SLURM_JOB_START_TIME", raising=False)
+    import psutil
+
+    assert job_start_time() == psutil.Process().create_time()  # no launcher: this process's start
+    out = _bash("SLURM_JOB_START_TIME=1700000000 lc_job_start_time; unset SLURM_JOB_START_TIME SLURM_JOB_ID; "
+                "lc_job_start_time; lc_slurm_minutes 1-02:03:04; lc_slurm_minutes 30:00; lc_slurm_minutes UNLIMITED")
+    lines = out.splitlines()
+    assert lines[0] == "1700000000" and abs(int(lines[1]) - now) < 120
+    assert lines[2:] == [str(24 * 60 + 2 * 60 + 3), "30"]
