@@ -377,6 +377,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             break
     if save_dir and last_saved != state.iteration:
         result.checkpoint = save()
+    watchdog.beat()  # the wait for a background save below is not a step either
     if async_queue is not None:
         ckpt.finalize_async_saves(async_queue, blocking=True)
         async_queue.close()
