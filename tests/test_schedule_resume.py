@@ -100,11 +100,12 @@ def _stage_session(tmp: str) -> dict:
              "optimizer.min_lr=5e-4", "schedule.warmup_iters=1", f"checkpoint.save={mid}"]
     mid_a = _train(stage + ["train.train_iters=4", "train.exit_interval=2"])
     mid_b = _train(stage + ["train.train_iters=4"])  # the requeued/resubmitted stage
-    fresh = _train([f"checkpoint.load={pre}", "checkpoint.finetune=true", "train.train_iters=2",
-                    f"checkpoint.save={ft}"])
-    return {"mid_a": mid_a, "mid_b": mid_b, "fresh": fresh,
+    finetune = [f"checkpoint.load={pre}", "checkpoint.finetune=true", f"checkpoint.save={ft}"]
+    fresh = _train(finetune + ["train.train_iters=2"])
+    fresh_again = _train(finetune + ["train.train_iters=3"])  # resumes ft in full, Adam included
+    return {"mid_a": mid_a, "mid_b": mid_b, "fresh": fresh, "fresh_again": fresh_again,
             "adam_pre": _adam_steps(f"{pre}/iter_0000006"), "adam_mid": _adam_steps(f"{mid}/iter_0000004"),
-            "adam_ft": _adam_steps(f"{ft}/iter_0000002")}
+            "adam_ft": _adam_steps(f"{ft}/iter_0000002"), "adam_ft_again": _adam_steps(f"{ft}/iter_0000003")}
 
 
 def test_stage_chaining_keeps_or_drops_adam_and_resumes_its_own_checkpoint(tmp_path):
@@ -121,3 +122,5 @@ def test_stage_chaining_keeps_or_drops_adam_and_resumes_its_own_checkpoint(tmp_p
     assert f"{tmp_path}/mid holds this run's own checkpoint: resuming it" in b["log"]
     # Adam's state: reset_schedule keeps it (6 + 4 steps), finetune drops it (2 steps)
     assert r["adam_pre"] == {6.0} and r["adam_mid"] == {10.0} and r["adam_ft"] == {2.0}
+    # finetune=true still set on resubmission: the stage's own checkpoint is resumed with its optimizer
+    assert r["fresh_again"]["resumed_from"] == 2 and r["adam_ft_again"] == {3.0}

@@ -246,14 +246,16 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     schedule_now = schedule_definition(cfg)
     group_lrs = group_schedule_values(optimizer)  # an optimizer load overwrites them
     if load_dir:
+        # finetune/reset_schedule describe how a stage STARTS; its own checkpoints resume in full
+        weights_only = c.finetune and not own_checkpoint
         fresh_schedule = (c.finetune or c.reset_schedule) and not own_checkpoint
         if own_checkpoint and c.load and load_dir != c.load:
             boot.print(f"[checkpoint] {save_dir} holds this run's own checkpoint: resuming it "
                        f"(checkpoint.load={c.load} only seeds a run that has none)")
         loaded, state = ckpt.load_checkpoint(
-            load_dir, model, optimizer if not c.finetune else None,
+            load_dir, model, optimizer if not weights_only else None,
             scheduler if not fresh_schedule else None,
-            load_optimizer=not c.no_load_optim and not c.finetune,
+            load_optimizer=not c.no_load_optim and not weights_only,
             load_rng=not c.no_load_rng and not fresh_schedule,
             load_scheduler=not fresh_schedule,
         )
@@ -266,7 +268,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         if loaded.iteration is None:
             boot.print(f"[checkpoint] no committed checkpoint in {load_dir}: starting from scratch")
         elif fresh_schedule:
-            what = "weights" if c.finetune else "weights and optimizer state"
+            what = "weights" if weights_only else "weights and optimizer state"
             boot.print(f"[checkpoint] starting a new stage from the {what} of {loaded.path}; "
                        "iteration, data position and LR schedule start fresh")
             state = ckpt.TrainState()
