@@ -306,6 +306,8 @@ lc_run_slurm() {
     lc_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $restart: $nnodes node(s) x $NPROC_PER_NODE \
 processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
     lc_log "command: ${LC_TRAIN[*]:1}"
+    lc_log "this run started $(date -d "@$LONGCAT_JOB_START_TIME" -Is 2>/dev/null || echo "$LONGCAT_JOB_START_TIME") \
+(LONGCAT_JOB_START_TIME: the origin of train.exit_duration_mins)"
     trap 'lc_on_signal USR1' USR1
     trap 'lc_on_signal TERM' TERM
     # One task per node; it becomes torchrun with this node's rank. --cpus-per-task: since Slurm 22.05

@@ -97,6 +97,9 @@ def test_recipe_chains_stages_through_a_crash_and_a_preemption(slurm_cluster, tm
     log = logs["sft"]
     assert f"starting a new stage from the weights of {mid}/iter_0000010" in log
     assert _tracker(sft) == 4 and _adam_steps(sft / "iter_0000004") == {4.0}
+    # the exit-duration clock starts at SLURM's StartTime of the run, not when the trainer came up
+    assert f"this run started {fields['sft']['StartTime']}" in log
+    assert "train.exit_duration_mins=15" in log  # --time=30 minus STOP_MARGIN_MINS=15
     # each stage started only after the previous one had completed
     assert fields["pretrain"]["EndTime"] <= fields["midtrain"]["StartTime"]
     assert fields["midtrain"]["EndTime"] <= fields["sft"]["StartTime"]
