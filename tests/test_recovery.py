@@ -49,6 +49,20 @@ def test_hang_is_dumped_and_exits_76_and_a_crash_is_recorded(tmp_path):
     assert "InjectedCrash: injected crash after iteration 3" in crash_out  # the traceback still shows
     assert (tmp_path / "crash" / "failures").read_text() == \
         "3\tInjectedCrash: injected crash after iteration 3\n"
+    assert not (tmp_path / "crash" / "logs" / "hang-stacks-rank00000.txt").exists()  # no empty dump left
+
+
+def test_watchdog_backstop_fires_while_the_gil_is_held(tmp_path):
+    """A main thread stuck in C code that holds the GIL silences the watchdog thread; faulthandler's
+    timer (no GIL needed) still dumps the stacks and ends the process."""
+    code = ("from longcat_megatron.training.watchdog import HangWatchdog\n"
+            f"HangWatchdog(0.01, {str(tmp_path)!r}, 3, backstop_grace_s=1).start(7)\n"
+            "sum(range(10**12))  # C loop holding the GIL\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr[-2000:]
+    stacks = (tmp_path / "hang-stacks-rank00003.txt").read_text()
+    assert "Timeout (0:00:01.6" in stacks and 'File "<string>", line 3 in <module>' in stacks, stacks
 
 
 def _bash(script: str) -> str:
