@@ -48,7 +48,7 @@ def _log(run, stage: str, job: str) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def test_recipe_chains_stages_through_a_crash_and_a_preemption(slurm_cluster, tmp_path):  # noqa: F811
+def test_recipe_chains_stages_through_a_preemption(slurm_cluster, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     env = dict(slurm_cluster, LONGCAT_CPU="1", CONFIG="configs/tiny.yaml", SEQ_LENGTH="64", GLOBAL_BATCH="8",
                MICRO_BATCH="2", WARMUP_ITERS="2", SAVE_INTERVAL="5", OMP_NUM_THREADS="1", CP="1",
