@@ -21,10 +21,20 @@
 #                    visible from the first node (default: the stage's checkpoint directory, which a
 #                    multi-node job has on shared storage anyway; else /tmp)
 #   MAX_REQUEUES     stop requeueing after this many restarts (default 100)
-#   EXIT_DURATION_MINS  stop (saving) after this many minutes; "auto" (default) = the job's time
-#                    limit minus STOP_MARGIN_MINS (default 15), 0 = off
-#   SAVE_GRACE_S     seconds torchrun waits for ranks to save after a stop signal before killing
-#                    them (default 300; also how long a crashed node waits for its stuck ranks)
+#   MAX_CRASH_REQUEUES  requeue a crashed or hung run (exit not 0/2/75) at most this many times per
+#                    job (default 3; 0 = never); a failure identical to the previous one (same reason,
+#                    same iteration) is never requeued. History: CKPT_DIR/.longcat-failures
+#   EXIT_DURATION_MINS  stop (saving) this many minutes after the job started; "auto" (default) =
+#                    the job's time limit minus STOP_MARGIN_MINS (default 15: one step + one save +
+#                    exit), 0 = off. The clock starts at SLURM's StartTime of this run
+#                    (LONGCAT_JOB_START_TIME), so start-up counts against it
+#   HANG_TIMEOUT_MINS   train.hang_timeout_mins for launched jobs (default 20, 0 = off): a rank on
+#                    which no step completes for that long dumps its Python stacks to LONGCAT_LOG_DIR
+#                    (default: the checkpoint directory) and exits 76, and the job is requeued
+#   SAVE_GRACE_S     torchrun's shutdown timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): seconds it lets
+#                    ranks finish after a forwarded signal or a failed rank before SIGKILL (default
+#                    300). Under SLURM torchrun does not handle SIGUSR1 at all (the ranks get it from
+#                    SLURM directly), so no launcher countdown runs during a preemption save
 #   MASTER_PORT      rendezvous port (default: 20000 + job id % 20000)
 #   EXTRA_LAUNCHER_ARGS  extra torchrun arguments (e.g. "--log-dir /tmp/tr")
 
@@ -103,9 +113,11 @@ lc_committed_iteration() {
 }
 
 # Overrides that make a stage start from a previous stage's checkpoint ($2) unless its own directory
-# ($1) already holds one (then it resumes itself: requeues and resubmissions continue this stage).
-#   $3 = 1: weights only (fresh optimizer, LR schedule and iteration: checkpoint.finetune=true)
-#   $3 = 0: continue the previous stage's optimizer, schedule and iteration (checkpoint.load=$2)
+# ($1) already holds one (then it resumes itself: requeues and resubmissions continue this stage; the
+# trainer applies the same rule, checkpoint.save before checkpoint.load). Either way the stage has its
+# own iteration counter (from 0), LR schedule and data position:
+#   $3 = 1: weights only, fresh Adam state (checkpoint.finetune=true)
+#   $3 = 0: weights and the previous stage's Adam state (checkpoint.reset_schedule=true)
 lc_init_from() {
     local own="$1" from="$2" fresh="$3"
     if [ -n "$(lc_committed_iteration "$own")" ]; then
@@ -117,15 +129,14 @@ lc_init_from() {
     if [ "$fresh" = 1 ]; then
         echo "checkpoint.finetune=true"
     else
-        echo "checkpoint.allow_data_change=true"
+        echo "checkpoint.reset_schedule=true"
     fi
 }
 
-# Minutes left in this allocation, from squeue's %L (D-HH:MM:SS, HH:MM:SS or MM:SS); empty if unknown.
-lc_minutes_left() {
-    local left d=0 h=0 m=0 s=0
-    left="$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null | head -n1)"
-    case "$left" in ""|UNLIMITED|NOT_SET|INVALID) return 0 ;; esac
+# Minutes in a SLURM duration (D-HH:MM:SS, HH:MM:SS or MM:SS); empty if unlimited/unknown.
+lc_slurm_minutes() {
+    local left="$1" d=0 h=0 m=0 s=0
+    case "$left" in ""|UNLIMITED|NOT_SET|INVALID|Partition_Limit) return 0 ;; esac
     if [[ "$left" == *-* ]]; then d="${left%%-*}"; left="${left#*-}"; fi
     IFS=: read -r -a parts <<< "$left"
     case "${#parts[@]}" in
@@ -136,17 +147,72 @@ lc_minutes_left() {
     echo $(( 10#$d * 1440 + 10#$h * 60 + 10#$m ))
 }
 
+# The job's time limit in minutes (squeue %l); empty if unlimited/unknown.
+lc_time_limit_minutes() {
+    lc_slurm_minutes "$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null | head -n1)"
+}
+
+# Epoch seconds at which this run of the job started: SLURM_JOB_START_TIME (Slurm >= 23.02), else
+# scontrol's StartTime (the restart's start after a requeue), else now.
+lc_job_start_time() {
+    local t
+    if [ -n "${SLURM_JOB_START_TIME:-}" ]; then echo "$SLURM_JOB_START_TIME"; return 0; fi
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        t="$(scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StartTime=[^ ]*' | cut -d= -f2)"
+        t="$(date -d "$t" +%s 2>/dev/null)" && [ -n "$t" ] && { echo "$t"; return 0; }
+    fi
+    date +%s
+}
+
+# train.exit_duration_mins, measured by the trainer from LONGCAT_JOB_START_TIME (the job's start, not
+# the trainer's): the time limit minus STOP_MARGIN_MINS, so start-up, the last step and the save fit.
 lc_exit_duration_override() {
-    local want="${EXIT_DURATION_MINS:-auto}" left
+    local want="${EXIT_DURATION_MINS:-auto}" limit
     if [ "$want" = auto ]; then
         [ -n "${SLURM_JOB_ID:-}" ] || return 0
-        left="$(lc_minutes_left)"
-        [ -n "$left" ] || return 0
-        want=$(( left - ${STOP_MARGIN_MINS:-15} ))
-        [ "$want" -gt 0 ] || return 0
+        limit="$(lc_time_limit_minutes)"
+        [ -n "$limit" ] || return 0
+        want=$(( limit - ${STOP_MARGIN_MINS:-15} ))
+        if [ "$want" -le 0 ]; then
+            echo "[launch] warning: time limit ${limit} min <= STOP_MARGIN_MINS=${STOP_MARGIN_MINS:-15}: no exit-duration stop" >&2
+            return 0
+        fi
     fi
     [ "$want" != 0 ] && echo "train.exit_duration_mins=$want"
     return 0
+}
+
+# Record a crashed/hung run in HISTORY and decide whether to requeue it (return 0) or not (1).
+#   $1 HISTORY file (kept across requeues), $2 job id, $3 failure signature ("iteration N: reason").
+# Not requeued: MAX_CRASH_REQUEUES (default 3) crashes of this job already requeued, or the same
+# signature as this job's previous failure (a deterministic failure: requeueing would repeat it).
+lc_crash_decision() {
+    local history="$1" job="$2" sig="$3" max="${MAX_CRASH_REQUEUES:-3}" count previous
+    count="$(grep -c "^$job " "$history" 2>/dev/null)"; count="${count:-0}"
+    previous="$(grep "^$job " "$history" 2>/dev/null | tail -n1 | cut -d' ' -f2-)"
+    echo "$job $sig" >> "$history"
+    if [ "$previous" = "$sig" ]; then
+        lc_log "the same failure as this job's previous run ($sig): not requeueing (a repeatable \
+failure; fix the cause and resubmit; it resumes from the last committed checkpoint)"
+        return 1
+    fi
+    if [ "$count" -ge "$max" ]; then
+        lc_log "job $job already failed $count time(s) (MAX_CRASH_REQUEUES=$max): not requeueing"
+        return 1
+    fi
+    lc_log "requeueing after failure $(( count + 1 )) of at most $max (MAX_CRASH_REQUEUES)"
+    return 0
+}
+
+# The failure signature of a run from the ranks' records (training/faults.py) and exit codes.
+lc_failure_signature() {
+    local records="$1" codes="$2" rc="$3" first
+    first="$(head -n1 "$records" 2>/dev/null)"
+    if [ -n "$first" ]; then
+        echo "iteration ${first%%$'\t'*}: ${first#*$'\t'}"
+    else
+        echo "exit ${rc}$( [ -s "$codes" ] && printf ' (rank exits %s)' "$(sort -u "$codes" | tr '\n' ' ' | sed 's/ $//')" ) after checkpoint ${LC_COMMITTED_AT_START:-none}"
+    fi
 }
 
 # --- the job -------------------------------------------------------------------------------------------
@@ -168,8 +234,11 @@ lc_main() {
     fi
     lc_preflight "$@" || exit 2
     LC_RUNTIME_OVERRIDES=()
+    export LONGCAT_JOB_START_TIME; LONGCAT_JOB_START_TIME="$(lc_job_start_time)"
     local dur; dur="$(lc_exit_duration_override)"
     [ -n "$dur" ] && LC_RUNTIME_OVERRIDES+=("$dur")
+    [ "${HANG_TIMEOUT_MINS:-20}" != 0 ] && LC_RUNTIME_OVERRIDES+=("train.hang_timeout_mins=${HANG_TIMEOUT_MINS:-20}")
+    [ -n "${LC_CKPT_DIR:-}" ] && export LONGCAT_LOG_DIR="${LONGCAT_LOG_DIR:-$LC_CKPT_DIR}"
     if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${LONGCAT_NO_SLURM:-}" ]; then
         lc_run_slurm "$@"
     else
@@ -195,7 +264,7 @@ lc_run_local() {
     local marker; marker="$(mktemp -u "${TMPDIR:-/tmp}/longcat-requeue.XXXXXX")"
     lc_train_cmd "$@"
     lc_log "torchrun on this machine: $NPROC_PER_NODE processes, config $CONFIG"
-    LONGCAT_REQUEUE_MARKER="$marker" "$PYTHON" -m torch.distributed.run --standalone \
+    LONGCAT_REQUEUE_MARKER="$marker" LONGCAT_EXIT_CODES="" "$PYTHON" -m torch.distributed.run --standalone \
         --nproc-per-node="$NPROC_PER_NODE" ${EXTRA_LAUNCHER_ARGS:-} --no-python "${LC_TRAIN[@]}"
     local rc=$?
     if [ -e "$marker" ]; then
@@ -224,11 +293,21 @@ lc_run_slurm() {
     local marker_dir="${MARKER_DIR:-${LC_CKPT_DIR:-${TMPDIR:-/tmp}}}"
     mkdir -p "$marker_dir"
     export LONGCAT_REQUEUE_MARKER="$marker_dir/.longcat-requeue-$SLURM_JOB_ID-$restart"
-    rm -f "$LONGCAT_REQUEUE_MARKER"
+    # rank.sh appends each rank's non-zero exit code; training/faults.py each rank's failure reason
+    export LONGCAT_EXIT_CODES="$marker_dir/.longcat-exits-$SLURM_JOB_ID-$restart"
+    export LONGCAT_FAILURE_FILE="$marker_dir/.longcat-failure-$SLURM_JOB_ID-$restart"
+    rm -f "$LONGCAT_REQUEUE_MARKER" "$LONGCAT_EXIT_CODES" "$LONGCAT_FAILURE_FILE"
+    LC_COMMITTED_AT_START="$(lc_committed_iteration "${LC_CKPT_DIR:-/nonexistent}")"
+    # The ranks get SIGUSR1 from SLURM directly (scancel --signal=USR1 reaches every process of the
+    # step): torchrun keeps ignoring it, so no launcher shutdown countdown (30 s in older torchrun
+    # builds, whatever TORCH_ELASTIC_SHUTDOWN_TIMEOUT says) can kill a rank in the middle of its save.
+    export TORCHELASTIC_SIGNALS_TO_HANDLE="${LC_SLURM_TORCHRUN_SIGNALS:-SIGTERM,SIGINT,SIGHUP,SIGQUIT}"
     lc_train_cmd "$@"
     lc_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $restart: $nnodes node(s) x $NPROC_PER_NODE \
 processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
     lc_log "command: ${LC_TRAIN[*]:1}"
+    lc_log "this run started $(date -d "@$LONGCAT_JOB_START_TIME" -Is 2>/dev/null || echo "$LONGCAT_JOB_START_TIME") \
+(LONGCAT_JOB_START_TIME: the origin of train.exit_duration_mins)"
     trap 'lc_on_signal USR1' USR1
     trap 'lc_on_signal TERM' TERM
     # One task per node; it becomes torchrun with this node's rank. --cpus-per-task: since Slurm 22.05
@@ -248,7 +327,8 @@ processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
         break
     done
     trap - USR1 TERM
-    local requeue=0
+    local requeue=0 hung=0
+    grep -qx 76 "$LONGCAT_EXIT_CODES" 2>/dev/null && hung=1
     if [ "$rc" = 0 ]; then
         lc_log "training finished (job $SLURM_JOB_ID restart $restart)"
     elif [ "$LC_STOP_SIGNAL" = TERM ]; then
@@ -259,10 +339,22 @@ processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
     elif [ -n "$LC_STOP_SIGNAL" ]; then
         lc_log "training ended with exit $rc after SIG$LC_STOP_SIGNAL; the last committed checkpoint will be resumed"
         requeue=1
+    elif grep -qx 2 "$LONGCAT_EXIT_CODES" 2>/dev/null; then
+        lc_log "training stopped on a bad input (exit 2, message above): not requeueing"
     else
-        lc_log "training failed with exit $rc: not requeueing (resubmit to resume from the last checkpoint)"
+        local sig; sig="$(lc_failure_signature "$LONGCAT_FAILURE_FILE" "$LONGCAT_EXIT_CODES" "$rc")"
+        if [ "$hung" = 1 ]; then
+            lc_log "training hung (watchdog exit 76; Python stacks in ${LONGCAT_LOG_DIR:-the checkpoint directory}/hang-stacks-rank*.txt): $sig"
+        else
+            lc_log "training crashed (exit $rc): $sig"
+        fi
+        if lc_crash_decision "${LC_CKPT_DIR:-$marker_dir}/.longcat-failures" "$SLURM_JOB_ID" "$sig"; then
+            requeue=1
+        else
+            lc_log "not requeueing: resubmit to resume from the last committed checkpoint"
+        fi
     fi
-    rm -f "$LONGCAT_REQUEUE_MARKER"
+    rm -f "$LONGCAT_REQUEUE_MARKER" "$LONGCAT_EXIT_CODES" "$LONGCAT_FAILURE_FILE"
     if [ "$requeue" = 1 ]; then
         if [ "$restart" -ge "${MAX_REQUEUES:-100}" ]; then
             lc_log "restart $restart reached MAX_REQUEUES=${MAX_REQUEUES:-100}: not requeueing"

@@ -17,10 +17,9 @@
 #   sbatch launch/midtrain.sh [overrides...]   |   bash launch/midtrain.sh [--dry-run] [overrides...]
 #
 # Start: when CKPT_DIR has no committed checkpoint, the weights come from INIT_FROM (the pretraining
-# CKPT_DIR). FRESH_OPTIMIZER=1 (default): fresh optimizer, LR schedule and iteration counter
-# (checkpoint.finetune=true). FRESH_OPTIMIZER=0: continue the pretraining optimizer, schedule and
-# iteration (checkpoint.load=INIT_FROM; the schedule settings must then match pretraining's and
-# TRAIN_ITERS counts from the pretraining iteration). Once CKPT_DIR holds a checkpoint, requeues and
+# CKPT_DIR); the stage has its own iteration counter, LR schedule and TRAIN_ITERS. FRESH_OPTIMIZER=1
+# (default): fresh Adam state (checkpoint.finetune=true); FRESH_OPTIMIZER=0: keep pretraining's Adam
+# state (checkpoint.reset_schedule=true). Once CKPT_DIR holds a checkpoint, requeues and
 # resubmissions resume it instead. Preemption/requeue as in launch/pretrain.sh.
 #
 # Operator variables (empty = the config file's value):

@@ -62,6 +62,9 @@ class TrainConfig:
     exit_signal_handler: bool = True
     # Stop after this iteration (saving first), e.g. to split a run in two; 0 = train_iters.
     exit_interval: int = 0
+    # Hang watchdog: no step completed for this many minutes -> dump every thread's Python stack to
+    # the log dir and exit 76 (requeued by launch/common.sh); fractions allowed; 0 = off.
+    hang_timeout_mins: float = 0.0
 
 
 @dataclass
@@ -92,6 +95,8 @@ class ScheduleConfig:
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = None
+    # Where a run starts from while checkpoint.save holds no committed checkpoint (e.g. the previous
+    # stage); once it does, the run resumes its own checkpoint (a requeued stage never goes back).
     load: Optional[str] = None
     save_interval: int = 0
     # Save the optimizer in the format that can be loaded under another TP/PP/EP layout.
@@ -364,6 +369,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"schedule.style={cfg.schedule.style!r}: use cosine, linear, constant or wsd"
         )
+    if t.hang_timeout_mins < 0:
+        raise ConfigError(f"train.hang_timeout_mins={t.hang_timeout_mins} must be >= 0 (0 = off)")
     if cfg.schedule.style == "wsd" and cfg.schedule.wsd_decay_iters <= 0:
         raise ConfigError("schedule.style=wsd needs schedule.wsd_decay_iters > 0")
     if cfg.data.seq_length > m.max_position_embeddings:

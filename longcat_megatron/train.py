@@ -8,8 +8,9 @@ Examples::
 
 Every field of the YAML config can be overridden as ``section.field=value`` (values parsed as YAML).
 A run saves to ``checkpoint.save`` and resumes from its latest complete checkpoint automatically
-(``checkpoint.load`` defaults to the save directory). Exit codes: 0 done, 2 bad config/input,
-75 stopped early after saving (signal or time limit: requeue the job).
+(``checkpoint.load`` only seeds a run whose save directory holds no checkpoint yet). Exit codes:
+0 done, 2 bad config/input, 75 stopped early after saving (signal or time limit: requeue the job),
+76 the hang watchdog ended a rank (``train.hang_timeout_mins``: requeue like a crash).
 """
 
 from __future__ import annotations

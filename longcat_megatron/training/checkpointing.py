@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from longcat_megatron.errors import UserInputError
 from longcat_megatron.training.faults import maybe_inject
+from longcat_megatron.training.schedule import definition_from_scheduler_state, resume_scheduler
 from longcat_megatron.training.setup import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -173,6 +174,8 @@ class TrainState:
     consumed_train_samples: int = 0
     data_fingerprint: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # The LR schedule's full definition (training/schedule.py), compared with the config on resume.
+    schedule: dict = field(default_factory=dict)
 
 
 def _model_sharded_state(model_chunks: list) -> dict:
@@ -256,6 +259,7 @@ def save_checkpoint(
     state["consumed_train_samples"] = train_state.consumed_train_samples
     state["data_fingerprint"] = train_state.data_fingerprint
     state["extra"] = train_state.extra
+    state["schedule"] = train_state.schedule
     state["checkpoint_version"] = FORMAT_VERSION
     state["optimizer_format"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
     state["world_size"] = world
@@ -332,6 +336,19 @@ def find_checkpoint(root: str) -> tuple[Optional[int], list[int]]:
     return latest, ignored
 
 
+def resume_source(save: Optional[str], load: Optional[str]) -> tuple[Optional[str], bool]:
+    """(directory to load, whether it is the run's own save directory).
+
+    A run resumes its own ``save`` directory as soon as that holds a committed checkpoint; ``load``
+    (e.g. the previous stage) is only where it starts from before that, so a requeued or resubmitted
+    stage never goes back to the previous stage's checkpoint."""
+    if save and find_checkpoint(save)[0] is not None:
+        return save, True
+    if load:
+        return load, bool(save) and os.path.abspath(load) == os.path.abspath(save)
+    return save, True
+
+
 def load_checkpoint(
     root: str,
     model_chunks: list,
@@ -390,8 +407,8 @@ def load_checkpoint(
         _unshare_step(optimizer)
     restore_scheduler = (load_scheduler and scheduler is not None
                          and loaded.get("opt_param_scheduler") is not None)
-    if restore_scheduler:
-        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if restore_scheduler:  # the current config's schedule at the saved step (training/schedule.py)
+        resume_scheduler(scheduler, loaded["opt_param_scheduler"])
     if restore_rng:
         _restore_rng(loaded["rng_state"])
     train_state = TrainState(
@@ -399,6 +416,8 @@ def load_checkpoint(
         consumed_train_samples=int(loaded["consumed_train_samples"]),
         data_fingerprint=dict(loaded.get("data_fingerprint") or {}),
         extra=dict(loaded.get("extra") or {}),
+        schedule=dict(loaded.get("schedule")
+                      or definition_from_scheduler_state(loaded.get("opt_param_scheduler") or {})),
     )
     return LoadResult(latest, path, ignored, restore_rng, restore_optimizer,
                       restore_scheduler), train_state

@@ -1,22 +1,39 @@
-"""Fault injection for tests of the crash/preemption paths (off unless LONGCAT_FAULT_INJECT is set).
+"""Fault injection for tests of the crash/preemption/hang paths, and failure records for the launcher.
 
-``LONGCAT_FAULT_INJECT=POINT:ITER[:RANK]`` triggers at POINT when the iteration is ITER (on every
-rank, or only on RANK):
+Injection is off unless ``LONGCAT_FAULT_INJECT=POINT:ITER[:RANK]`` is set; it triggers at POINT when
+the iteration is ITER (on every rank, or only on RANK):
 
 - ``kill_during_save``: SIGKILL after the shards of ITER are written, before the commit;
-- ``signal_after_step``: SIGUSR1 to this process after step ITER (a preemption warning).
+- ``signal_after_step``: SIGUSR1 to this process after step ITER (a preemption warning);
+- ``crash_after_step``: raise :class:`InjectedCrash` after step ITER (a software crash);
+- ``hang_after_step``: block forever after step ITER (a hung collective; the watchdog ends it).
+
+``LONGCAT_FAULT_ONCE=PATH`` makes the injection happen only while PATH does not exist (it is created
+when the fault fires), so a requeued job runs clean.
+
+Failure records: when ``LONGCAT_FAILURE_FILE`` is set (launch/common.sh sets it per job run), a rank
+that dies of an uncaught exception or a hang appends ``ITERATION<TAB>REASON`` to it, ITERATION being
+the last completed step. The launcher compares these records across requeues to stop requeueing a
+job that fails the same way at the same iteration again (a deterministic bug, not a flaky node).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
-_ACTIONS = {"kill_during_save": signal.SIGKILL, "signal_after_step": signal.SIGUSR1}
+_SIGNALS = {"kill_during_save": signal.SIGKILL, "signal_after_step": signal.SIGUSR1}
+_last_iteration: list = [None]
+
+
+class InjectedCrash(RuntimeError):
+    """The crash that ``crash_after_step`` injects."""
 
 
 def maybe_inject(point: str, iteration: int, rank: int) -> None:
-    """Send this process the signal of ``point`` if the environment asks for it here."""
+    """Inject the fault of ``point`` if the environment asks for it here."""
     spec = os.environ.get("LONGCAT_FAULT_INJECT", "")
     if not spec:
         return
@@ -25,4 +42,48 @@ def maybe_inject(point: str, iteration: int, rank: int) -> None:
         return
     if len(parts) > 2 and int(parts[2]) != rank:
         return
-    os.kill(os.getpid(), _ACTIONS[point])
+    once = os.environ.get("LONGCAT_FAULT_ONCE")
+    if once:
+        if os.path.exists(once):
+            return
+        open(once, "a").close()
+    if point in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[point])
+    elif point == "crash_after_step":
+        raise InjectedCrash(f"injected crash after iteration {iteration}")
+    elif point == "hang_after_step":
+        while True:
+            time.sleep(3600)
+
+
+def note_progress(iteration: int) -> None:
+    """Remember the last completed iteration (for failure records)."""
+    _last_iteration[0] = iteration
+
+
+def record_failure(reason: str) -> None:
+    """Append ``ITERATION<TAB>REASON`` to ``$LONGCAT_FAILURE_FILE`` (no-op when unset)."""
+    path = os.environ.get("LONGCAT_FAILURE_FILE")
+    if not path:
+        return
+    line = " ".join(reason.split())[:300]
+    try:
+        with open(path, "a") as f:
+            f.write(f"{_last_iteration[0] if _last_iteration[0] is not None else '-'}\t{line}\n")
+    except OSError:
+        pass
+
+
+def install_failure_recorder() -> None:
+    """Record uncaught exceptions of this process (then report them as before). Idempotent."""
+    previous = sys.excepthook
+    if getattr(previous, "_longcat_records", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        record_failure(f"{exc_type.__name__}: {first}")
+        previous(exc_type, exc, tb)
+
+    hook._longcat_records = True
+    sys.excepthook = hook

@@ -8,6 +8,7 @@ the optional hooks ``on_train_step_end`` and ``training_metrics``.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from longcat_megatron import runtime
 from longcat_megatron.config import RunConfig, save_config
 from longcat_megatron.training import checkpointing as ckpt
-from longcat_megatron.training.faults import maybe_inject
+from longcat_megatron.training.faults import install_failure_recorder, maybe_inject, note_progress
 from longcat_megatron.training.progress import ProgressLogger
 from longcat_megatron.training.setup import (
     build_model,
@@ -28,7 +29,11 @@ from longcat_megatron.training.setup import (
     model_hook,
     sync_params,
 )
-from longcat_megatron.training.signals import EXIT_REQUEUE, StopRequest
+from longcat_megatron.training.schedule import (
+    group_schedule_values, restore_group_schedule_values, schedule_changes, schedule_definition,
+)
+from longcat_megatron.training.signals import EXIT_REQUEUE, StopRequest, job_start_time
+from longcat_megatron.training.watchdog import HangWatchdog
 
 
 @dataclass
@@ -38,6 +43,7 @@ class TrainResult:
     iteration: int
     losses: dict = field(default_factory=dict)  # iteration -> global loss
     grad_norms: dict = field(default_factory=dict)
+    lrs: dict = field(default_factory=dict)  # iteration -> LR set for the next step
     valid_losses: dict = field(default_factory=dict)
     exit_code: int = 0
     stop_reason: Optional[str] = None
@@ -225,7 +231,8 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
 
     c = cfg.checkpoint
     save_dir = c.save
-    load_dir = c.load or c.save  # resubmitting the same job resumes it
+    # Resubmitting the same job resumes it; checkpoint.load only seeds a stage until it has its own.
+    load_dir, own_checkpoint = ckpt.resume_source(c.save, c.load)
     log = ProgressLogger(rank == last_rank, t.train_iters, t.global_batch_size * cfg.data.seq_length,
                          cfg.logging.tensorboard_dir, cfg.logging.log_interval)
     boot = ProgressLogger(rank == 0, t.train_iters, 0)
@@ -237,15 +244,24 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     fingerprint = pretrain.dataset_fingerprint(cfg.data, seed=t.seed, train_samples=train_samples)
     state = ckpt.TrainState()
     result = TrainResult(iteration=0)
+    schedule_now = schedule_definition(cfg)
+    group_lrs = group_schedule_values(optimizer)  # an optimizer load overwrites them
     if load_dir:
-        fresh_schedule = c.finetune or c.reset_schedule
+        # finetune/reset_schedule describe how a stage STARTS; its own checkpoints resume in full
+        weights_only = c.finetune and not own_checkpoint
+        fresh_schedule = (c.finetune or c.reset_schedule) and not own_checkpoint
+        if own_checkpoint and c.load and load_dir != c.load:
+            boot.print(f"[checkpoint] {save_dir} holds this run's own checkpoint: resuming it "
+                       f"(checkpoint.load={c.load} only seeds a run that has none)")
         loaded, state = ckpt.load_checkpoint(
-            load_dir, model, optimizer if not c.finetune else None,
+            load_dir, model, optimizer if not weights_only else None,
             scheduler if not fresh_schedule else None,
-            load_optimizer=not c.no_load_optim and not c.finetune,
+            load_optimizer=not c.no_load_optim and not weights_only,
             load_rng=not c.no_load_rng and not fresh_schedule,
             load_scheduler=not fresh_schedule,
         )
+        restore_group_schedule_values(optimizer, group_lrs)
+        scheduler.step(increment=0)  # this run's LR/WD at the loaded (or fresh) step count
         result.ignored_checkpoints = list(loaded.ignored)
         for it in loaded.ignored:
             boot.print(f"[checkpoint] ignoring incomplete checkpoint {ckpt.iteration_dir(load_dir, it)} "
@@ -253,7 +269,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         if loaded.iteration is None:
             boot.print(f"[checkpoint] no committed checkpoint in {load_dir}: starting from scratch")
         elif fresh_schedule:
-            what = "weights" if c.finetune else "weights and optimizer state"
+            what = "weights" if weights_only else "weights and optimizer state"
             boot.print(f"[checkpoint] starting a new stage from the {what} of {loaded.path}; "
                        "iteration, data position and LR schedule start fresh")
             state = ckpt.TrainState()
@@ -269,12 +285,16 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
                        f"({state.consumed_train_samples} samples consumed"
                        + "".join(f"; {n}" for n in notes) + ")")
             result.resumed_from = state.iteration
+            for change in schedule_changes(state.schedule, schedule_now, state.iteration):
+                boot.print(f"[schedule] changed on resume, applied from iteration {state.iteration}: "
+                           f"{change}")
     state.data_fingerprint = fingerprint
+    state.schedule = schedule_now
 
     iterators, valid_factory = _build_iterators(cfg, layout, state.consumed_train_samples)
     data_iterator = iterators[0] if len(iterators) == 1 else iterators
     forward_backward = get_forward_backward_func()
-    stop = StopRequest(t.exit_signal_handler, t.exit_duration_mins)
+    stop = StopRequest(t.exit_signal_handler, t.exit_duration_mins, started_at=job_start_time())
     async_queue = None
     if c.async_save:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -298,6 +318,9 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     end_iter = t.train_iters if not t.exit_interval else min(t.train_iters, t.exit_interval)
     log.start(state.iteration)
     last_saved = state.iteration if result.resumed_from is not None else None
+    install_failure_recorder()
+    watchdog = HangWatchdog(t.hang_timeout_mins, os.environ.get("LONGCAT_LOG_DIR") or save_dir or ".",
+                            rank).start(state.iteration)
     for m in model:
         m.train()
     while state.iteration < end_iter:
@@ -320,10 +343,13 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             hook(state.iteration + 1)
         state.iteration += 1
         state.consumed_train_samples += t.global_batch_size
+        note_progress(state.iteration)
+        watchdog.beat(state.iteration)
         loss = _global_loss(reports)
         result.losses[state.iteration] = loss
         result.grad_norms[state.iteration] = float(grad_norm) if grad_norm is not None else float("nan")
         lr = optimizer.param_groups[0]["lr"]
+        result.lrs[state.iteration] = lr
         log.step(state.iteration, {"loss": loss, "lr": lr, "grad_norm": result.grad_norms[state.iteration]},
                  _metrics(model))
         if t.eval_interval and state.iteration % t.eval_interval == 0:
@@ -336,11 +362,15 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         if async_queue is not None:
             ckpt.finalize_async_saves(async_queue)
         maybe_inject("signal_after_step", state.iteration, rank)
+        maybe_inject("crash_after_step", state.iteration, rank)
+        maybe_inject("hang_after_step", state.iteration, rank)
+        watchdog.beat()  # evaluation and async-save finalization are not hangs either
         reason = stop.agreed()
         if save_dir and c.save_interval and state.iteration % c.save_interval == 0:
             result.checkpoint = save()
             last_saved = state.iteration
             log.start(state.iteration)  # keep save time out of the next step's throughput
+            watchdog.beat()
         if reason:
             boot.print(f"[stop] {reason} received: saving and exiting for requeue")
             if save_dir and last_saved != state.iteration:
@@ -351,9 +381,11 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             break
     if save_dir and last_saved != state.iteration:
         result.checkpoint = save()
+    watchdog.beat()  # the wait for a background save below is not a step either
     if async_queue is not None:
         ckpt.finalize_async_saves(async_queue, blocking=True)
         async_queue.close()
+    watchdog.stop()
     stop.restore()
     log.close()
     result.iteration = state.iteration

@@ -11,6 +11,7 @@ with those signals blocked.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import threading
 import time
@@ -59,12 +60,32 @@ def shield_spawned_checkpoint_helpers() -> None:
     fa._get_write_results_queue = shielded
 
 
-class StopRequest:
-    """Collects stop reasons; :meth:`agreed` is collective (call it on every rank each step)."""
+def job_start_time() -> float:
+    """When the job started (epoch seconds), the origin of ``train.exit_duration_mins``: the
+    launcher's ``LONGCAT_JOB_START_TIME`` (launch/common.sh: SLURM's StartTime of this run),
+    else ``SLURM_JOB_START_TIME``, else the start of this process."""
+    for name in ("LONGCAT_JOB_START_TIME", "SLURM_JOB_START_TIME"):
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return float(value)
+    try:
+        import psutil
 
-    def __init__(self, handle_signals: bool = True, exit_duration_mins: float = 0.0):
+        return float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - psutil missing/unsupported: the clock starts now
+        return time.time()
+
+
+class StopRequest:
+    """Collects stop reasons; :meth:`agreed` is collective (call it on every rank each step).
+
+    The exit-duration clock runs from ``started_at`` (epoch seconds; default: now), so that start-up
+    (model build, checkpoint load) counts against the limit as it counts against the job's."""
+
+    def __init__(self, handle_signals: bool = True, exit_duration_mins: float = 0.0,
+                 started_at: float | None = None):
         self.received: str | None = None
-        self.started = time.monotonic()
+        self.started = time.time() if started_at is None else float(started_at)
         self.limit_s = exit_duration_mins * 60.0
         self._previous = {}
         if handle_signals:
@@ -78,7 +99,7 @@ class StopRequest:
     def local_reason(self) -> str | None:
         if self.received:
             return self.received
-        if self.limit_s and time.monotonic() - self.started >= self.limit_s:
+        if self.limit_s and time.time() - self.started >= self.limit_s:
             return "exit-duration limit"
         return None
 
