@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -85,3 +86,60 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def _descendant_pids_alive(pids: list) -> list:
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigusr1-to-torchrun"])
+def test_local_launcher_forwards_stop_signals(tmp_path, how):
+    """launch/local.sh: Ctrl-C (SIGINT to the foreground process group) or SIGUSR1 to torchrun alone
+    reaches the rank, which saves and stops; the script exits 75 and no process of the run is left."""
+    ckpt = tmp_path / "ckpt"
+    env = dict(os.environ, LONGCAT_CPU="1", OMP_NUM_THREADS="1", LONGCAT_SKIP_PREFLIGHT="1",
+               TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), "1", TINY, "train.train_iters=100000",
+         f"checkpoint.save={ckpt}"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    tree = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any("iter      2/" in line for line in list(lines)):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-2000:]
+            time.sleep(0.2)
+        tree = _children(proc.pid)
+        torchrun = [p for p in tree if "torch.distributed.run" in _cmdline(p)]
+        assert torchrun, "".join(lines)[-2000:]
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(torchrun[0], signal.SIGUSR1)
+        rc = proc.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree:  # whatever the launcher left behind (orphaned ranks have their own session)
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    out = "".join(lines)
+    assert rc == 75, out[-3000:]
+    assert "[stop] SIG" in out, out[-3000:]
+    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) >= 2
+    assert not reader.is_alive(), "a process of the run still holds the output open"
+    time.sleep(1)
+    assert not _descendant_pids_alive(tree), [(p, _cmdline(p)) for p in tree if _alive(p)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except OSError:
+        return ""
