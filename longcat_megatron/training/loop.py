@@ -18,6 +18,7 @@ import torch.distributed as dist
 from longcat_megatron import runtime
 from longcat_megatron.config import RunConfig, save_config
 from longcat_megatron.training import checkpointing as ckpt
+from longcat_megatron.training.checkpoint_lock import lock_save_dir
 from longcat_megatron.training.faults import maybe_inject
 from longcat_megatron.training.progress import ProgressLogger
 from longcat_megatron.training.setup import (
@@ -225,6 +226,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     c = cfg.checkpoint
     save_dir = c.save
     load_dir = c.load or c.save  # resubmitting the same job resumes it
+    save_dir_lock = lock_save_dir(save_dir)  # one run per checkpoint directory
     log = ProgressLogger(rank == last_rank, t.train_iters, t.global_batch_size * cfg.data.seq_length,
                          cfg.logging.tensorboard_dir, cfg.logging.log_interval)
     boot = ProgressLogger(rank == 0, t.train_iters, 0)
@@ -244,6 +246,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             load_optimizer=not c.no_load_optim and not c.finetune,
             load_rng=not c.no_load_rng and not fresh_schedule,
             load_scheduler=not fresh_schedule,
+            verify=c.verify_on_load, fallback_on_corruption=c.fallback_on_corruption,
         )
         result.ignored_checkpoints = list(loaded.ignored)
         for it in loaded.ignored:
@@ -287,7 +290,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         path = ckpt.save_checkpoint(
             save_dir, model, optimizer, scheduler, state, config_yaml_writer=write_config,
             fully_reshardable=c.fully_reshardable, async_save=c.async_save, async_queue=async_queue,
-            keep_last=c.keep_last,
+            keep_last=c.keep_last, keep_every=c.keep_every,
         )
         boot.print(f"[checkpoint] {'scheduled' if c.async_save else 'saved'} iteration "
                    f"{state.iteration} -> {path}")
@@ -353,6 +356,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         ckpt.finalize_async_saves(async_queue, blocking=True)
         async_queue.close()
     stop.restore()
+    save_dir_lock.release()
     log.close()
     result.iteration = state.iteration
     result.model_chunks = model
