@@ -94,6 +94,10 @@ class CheckpointConfig:
     fully_reshardable: bool = True
     # Write shards in a background process while training goes on (committed at a later step).
     async_save: bool = False
+    # megatron's fully-parallel strategies: the data-parallel replicas share the writing (reading) of
+    # replicated tensors instead of DP rank 0 doing it all; the files are the same either way.
+    fully_parallel_save: bool = True
+    fully_parallel_load: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
     # Start from --load's weights with iteration 0, fresh optimizer and schedule (fine-tuning).

@@ -232,6 +232,7 @@ def save_checkpoint(
     async_queue=None,
     keep_last: int = 0,
     keep_every: int = 0,
+    fully_parallel: bool = False,
 ) -> str:
     """Save a checkpoint of ``train_state.iteration`` under ``root`` and commit it.
 
@@ -289,12 +290,13 @@ def save_checkpoint(
                 prune_checkpoints(root, keep_last, keep_every)
 
     if async_save:
-        request = dist_checkpointing.save(state, path, async_sharded_save=True)
+        request = dist_checkpointing.save(state, path, _parallel_strategy("save", fully_parallel),
+                                          async_sharded_save=True)
         request.add_finalize_fn(commit)
         async_queue.schedule_async_request(request)
     else:
         try:
-            dist_checkpointing.save(state, path)
+            dist_checkpointing.save(state, path, _parallel_strategy("save", fully_parallel))
         except Exception as e:  # noqa: BLE001 - re-raised, with the cause named when it is known
             described = integrity.describe_save_error(e, path, needed)
             if described is e:
@@ -304,6 +306,28 @@ def save_checkpoint(
         commit()
         dist.barrier()
     return path
+
+
+def _parallel_strategy(action: str, fully_parallel: bool, path: Optional[str] = None):
+    """megatron's fully-parallel save/load wrapper over the data-parallel group (each DP replica
+    writes/reads a share of the replicated tensors instead of DP rank 0 doing all), or None for the
+    default strategy."""
+    if not fully_parallel or dist.get_world_size() == 1:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy,
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    if action == "save":
+        return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
 
 
 def _agree(problem: Optional[Exception], elsewhere: str) -> None:
@@ -392,6 +416,7 @@ def load_checkpoint(
     iteration: Optional[int] = None,
     verify: bool = True,
     fallback_on_corruption: bool = False,
+    fully_parallel: bool = False,
 ) -> tuple[LoadResult, TrainState]:
     """Load the latest committed checkpoint of ``root`` into model/optimizer/scheduler.
 
@@ -434,7 +459,7 @@ def load_checkpoint(
     if restore_rng:
         state["rng_state"] = _rng_sharded_object(rank, world)
     try:
-        loaded = dist_checkpointing.load(state, path)
+        loaded = dist_checkpointing.load(state, path, _parallel_strategy("load", fully_parallel, path))
     except Exception as e:  # noqa: BLE001 - shard read errors name no file; name the checkpoint
         if isinstance(e, UserInputError):
             raise

@@ -247,6 +247,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             load_rng=not c.no_load_rng and not fresh_schedule,
             load_scheduler=not fresh_schedule,
             verify=c.verify_on_load, fallback_on_corruption=c.fallback_on_corruption,
+            fully_parallel=c.fully_parallel_load,
         )
         result.ignored_checkpoints = list(loaded.ignored)
         for it in loaded.ignored:
@@ -290,7 +291,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         path = ckpt.save_checkpoint(
             save_dir, model, optimizer, scheduler, state, config_yaml_writer=write_config,
             fully_reshardable=c.fully_reshardable, async_save=c.async_save, async_queue=async_queue,
-            keep_last=c.keep_last, keep_every=c.keep_every,
+            keep_last=c.keep_last, keep_every=c.keep_every, fully_parallel=c.fully_parallel_save,
         )
         boot.print(f"[checkpoint] {'scheduled' if c.async_save else 'saved'} iteration "
                    f"{state.iteration} -> {path}")
