@@ -293,6 +293,7 @@ def save_checkpoint(
         request = dist_checkpointing.save(state, path, _parallel_strategy("save", fully_parallel),
                                           async_sharded_save=True)
         request.add_finalize_fn(commit)
+        _scheduled_async_saves[:] = [(path, needed)]
         async_queue.schedule_async_request(request)
     else:
         try:
@@ -363,10 +364,22 @@ def _merged(state: dict) -> dict:
     return merged
 
 
+_scheduled_async_saves: list = []  # (path, bytes) of the latest background save, for error messages
+
+
 def finalize_async_saves(async_queue, blocking: bool = False) -> None:
     """Commit finished background saves (all ranks must call it at the same points)."""
-    if async_queue is not None:
+    if async_queue is None:
+        return
+    try:
         async_queue.maybe_finalize_async_calls(blocking=blocking, no_dist=False)
+    except Exception as e:  # noqa: BLE001 - a failed background write: name cause and path if known
+        if not _scheduled_async_saves:
+            raise
+        described = integrity.describe_save_error(e, *_scheduled_async_saves[-1])
+        if described is e:
+            raise
+        raise described from e
 
 
 # --------------------------------------------------------------------------------------------- load
