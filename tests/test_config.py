@@ -35,6 +35,13 @@ def test_resolved_config_round_trips(tmp_path):
     (["schedule.style=cosin"], r"schedule.style='cosin': use cosine, linear, constant or wsd"),
     (["train.global_batch_size=7"], r"not a multiple of train.micro_batch_size=2"),
     (["parallel.tensor"], r"not of the form section.field=value"),
+    # what training would crash on, caught by the config check (and so by --dry-run)
+    (["parallel.sequence_parallel=true"], r"sequence_parallel=true needs parallel.tensor > 1"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true", "data.seq_length=63"],
+     r"data.seq_length=63 must be divisible by parallel.tensor x parallel.context = 2"),
+    (["checkpoint.keep_last=-1"], r"checkpoint.keep_last=-1 must be >= 0"),
+    (["checkpoint.verify_on_load=false", "checkpoint.fallback_on_corruption=true"],
+     r"fallback_on_corruption=true needs checkpoint.verify_on_load=true"),
 ])
 def test_bad_values_name_the_field(overrides, match):
     with pytest.raises(UserInputError, match=match):

@@ -314,13 +314,12 @@ def describe_save_error(exc: BaseException, path: str, needed: int) -> Exception
 
 
 def check_space(path: str, needed: int) -> Optional[str]:
-    """The no-space message when the file system holding ``path`` has less than ``needed`` bytes free
-    for this node's ranks, else None."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    """The no-space message when the file system holding ``path`` has less than ``needed`` bytes
+    (the whole checkpoint's tensor data, all ranks) free, else None."""
     free = free_bytes(path)
-    if free < needed * local:
-        return (f"no space left on the file system holding {path}: this node's {local} rank(s) need "
-                f"about {needed * local:,} bytes for the checkpoint, {free:,} are free. Free space "
-                "(lower checkpoint.keep_last, delete old iter_* directories) or point checkpoint.save "
-                "elsewhere. The previous committed checkpoint is untouched.")
+    if free < needed:
+        return (f"no space left on the file system holding {path}: the checkpoint needs about "
+                f"{needed:,} bytes, {free:,} are free. Free space (lower checkpoint.keep_last, delete "
+                "old iter_* directories) or point checkpoint.save elsewhere. The previous committed "
+                "checkpoint is untouched.")
     return None

@@ -272,7 +272,7 @@ def save_checkpoint(
     state["world_size"] = world
     state["rng_state"] = _rng_sharded_object(rank, world)
     needed = integrity.state_bytes(state)
-    space = integrity.check_space(root, needed)
+    space = integrity.check_space(root, _sum_over_ranks(needed))
     _agree(integrity.CheckpointSaveError(space) if space else None,
            f"a rank has no space left for the checkpoint in {root} (see its message)")
     integrity.install_digesting_writer()
@@ -329,6 +329,16 @@ def _parallel_strategy(action: str, fully_parallel: bool, path: Optional[str] = 
     if action == "save":
         return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
+
+
+def _sum_over_ranks(value: int) -> int:
+    total = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from longcat_megatron import runtime
+
+        total = total.to(runtime.device())
+        dist.all_reduce(total)
+    return int(total.item())
 
 
 def _agree(problem: Optional[Exception], elsewhere: str) -> None:
