@@ -10,7 +10,9 @@ A checkpoint counts only once the tracker names it. A directory newer than the t
 saving) is ignored on load and reported. Every committed checkpoint carries ``checksums.json`` (a
 SHA-256 per file, taken while writing) that load verifies; a run holds ``SAVE_DIR/.lock`` while it
 runs; nothing at or below the tracker's iteration, and no complete checkpoint, is ever deleted except
-by the retention policy (``keep_last``/``keep_every``) — see training/checkpoint_integrity.py. A checkpoint holds the model, the optimizer (in megatron's
+by the retention policy (``keep_last``/``keep_every``): see training/checkpoint_integrity.py.
+
+A checkpoint holds the model, the optimizer (in megatron's
 ``fully_reshardable`` format by default, so TP/PP/EP/DP may change on resume), the LR scheduler, the
 iteration, consumed samples, the data fingerprint and every rank's RNG state: resuming is exact.
 """
@@ -484,7 +486,7 @@ def load_checkpoint(
     try:
         loaded = dist_checkpointing.load(state, path, _parallel_strategy("load", fully_parallel, path))
     except Exception as e:  # noqa: BLE001 - shard read errors name no file; name the checkpoint
-        if isinstance(e, UserInputError):
+        if not _looks_like_damage(e):
             raise
         raise CheckpointError(f"cannot read the checkpoint {path}: {e}. Its files may be damaged "
                               "(`sha256sum` them against checksums.json); restore them or resume "
@@ -512,6 +514,19 @@ def load_checkpoint(
     )
     return LoadResult(latest, path, ignored, restore_rng, restore_optimizer,
                       restore_scheduler), train_state
+
+
+def _looks_like_damage(exc: BaseException) -> bool:
+    """A read error of damaged files (EOF, I/O, bad zip/pickle), not e.g. a model/checkpoint mismatch."""
+    markers = ("EOFError", "PytorchStreamReader", "zip archive", "UnpicklingError", "Errno", "truncated",
+               "unexpected EOF", "No such file")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (EOFError, OSError)) or any(m in str(exc) for m in markers):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _verified_iteration(root: str, latest: int, allow_fallback: bool) -> int:
