@@ -84,6 +84,9 @@ def shield_spawned_checkpoint_helpers() -> None:
 
     @functools.wraps(original)
     def shielded():
+        if threading.current_thread() is not threading.main_thread():
+            # PR_SET_PDEATHSIG fires when the creating *thread* ends: only tie it to the main thread
+            return original()
         if fa._results_queue is None:
             fa._results_queue = _spawn_with_stop_signals_blocked(_start_results_queue)
         return fa._results_queue
