@@ -86,6 +86,13 @@ lc_setup_env() {
     fi
     # torchrun: forward SIGUSR1 (SLURM's pre-timeout warning) too, and give ranks time to save.
     export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+    # torch >= 2.7's torchrun overwrites that variable with its --signals-to-handle default (which
+    # lacks SIGUSR1: it would kill torchrun and orphan the ranks), so pass the flag where it exists.
+    LC_TORCHRUN_SIGNAL_ARGS=""
+    if grep -q signals_to_handle "$("$PYTHON" -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("torch").origin), "distributed", "run.py"))' 2>/dev/null)" 2>/dev/null; then
+        LC_TORCHRUN_SIGNAL_ARGS="--signals-to-handle=$TORCHELASTIC_SIGNALS_TO_HANDLE"
+    fi
+    export LC_TORCHRUN_SIGNAL_ARGS
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SAVE_GRACE_S:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}"
 }
 
@@ -265,7 +272,7 @@ lc_run_local() {
     lc_train_cmd "$@"
     lc_log "torchrun on this machine: $NPROC_PER_NODE processes, config $CONFIG"
     LONGCAT_REQUEUE_MARKER="$marker" LONGCAT_EXIT_CODES="" "$PYTHON" -m torch.distributed.run --standalone \
-        --nproc-per-node="$NPROC_PER_NODE" ${EXTRA_LAUNCHER_ARGS:-} --no-python "${LC_TRAIN[@]}"
+        --nproc-per-node="$NPROC_PER_NODE" $LC_TORCHRUN_SIGNAL_ARGS ${EXTRA_LAUNCHER_ARGS:-} --no-python "${LC_TRAIN[@]}"
     local rc=$?
     if [ -e "$marker" ]; then
         rm -f "$marker"
@@ -302,6 +309,9 @@ lc_run_slurm() {
     # step): torchrun keeps ignoring it, so no launcher shutdown countdown (30 s in older torchrun
     # builds, whatever TORCH_ELASTIC_SHUTDOWN_TIMEOUT says) can kill a rank in the middle of its save.
     export TORCHELASTIC_SIGNALS_TO_HANDLE="${LC_SLURM_TORCHRUN_SIGNALS:-SIGTERM,SIGINT,SIGHUP,SIGQUIT}"
+    if [ -n "$LC_TORCHRUN_SIGNAL_ARGS" ]; then   # the flag must say the same, or torchrun handles SIGUSR1
+        export LC_TORCHRUN_SIGNAL_ARGS="--signals-to-handle=$TORCHELASTIC_SIGNALS_TO_HANDLE"
+    fi
     lc_train_cmd "$@"
     lc_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $restart: $nnodes node(s) x $NPROC_PER_NODE \
 processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
@@ -318,7 +328,7 @@ processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
         --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --export=ALL \
         bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --nnodes="$1" --nproc-per-node="$2" \
                  --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-                 ${EXTRA_LAUNCHER_ARGS:-} --no-python "${@:3}"' \
+                 $LC_TORCHRUN_SIGNAL_ARGS ${EXTRA_LAUNCHER_ARGS:-} --no-python "${@:3}"' \
         "$PYTHON" "$nnodes" "$NPROC_PER_NODE" "${LC_TRAIN[@]}" &
     local srun_pid=$! rc
     while :; do   # a trapped signal interrupts `wait`; keep waiting until srun has really exited

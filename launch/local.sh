@@ -8,9 +8,11 @@
 # Without a GPU the processes use gloo on CPU (set LONGCAT_CPU=1 to force that on a GPU machine).
 # Exit code: 0 done, 2 bad config, 75 stopped early after saving (Ctrl-C/SIGTERM/SIGUSR1 to torchrun,
 # or train.exit_duration_mins): run the same command again and it resumes from checkpoint.save.
+# torchrun forwards those signals to the ranks (--signals-to-handle); the ranks' helper processes die
+# with them.
 # The stage recipes run locally too: `bash launch/pretrain.sh` outside an allocation uses torchrun.
 if [ $# -lt 2 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 NPROC_PER_NODE="$1"; CONFIG="$2"; shift 2

@@ -99,9 +99,16 @@ class CheckpointConfig:
     # stage); once it does, the run resumes its own checkpoint (a requeued stage never goes back).
     load: Optional[str] = None
     save_interval: int = 0
-    # Save the optimizer in the format that can be loaded under another TP/PP/EP layout.
+    # Optimizer checkpoint format. true: megatron's fully_reshardable (resume under any TP/PP/EP/DP);
+    # false: dp_reshardable (faster to save and load; only DP may change on resume). Both are written
+    # and read fully in parallel (every rank its own shards).
     fully_reshardable: bool = True
+    # Write shards in a background process while training goes on (committed at a later step).
     async_save: bool = False
+    # megatron's fully-parallel strategies: the data-parallel replicas share the writing (reading) of
+    # replicated tensors instead of DP rank 0 doing it all; the files are the same either way.
+    fully_parallel_save: bool = True
+    fully_parallel_load: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
     # Start from --load's weights with iteration 0, fresh optimizer and schedule (fine-tuning).
@@ -111,7 +118,15 @@ class CheckpointConfig:
     reset_schedule: bool = False
     # Resume even though the dataset fingerprint in the checkpoint differs from this run's data.
     allow_data_change: bool = False
-    keep_last: int = 0
+    # Retention: keep the newest keep_last committed checkpoints (0 = keep all) plus, for good, every
+    # iteration that is a multiple of keep_every (0 = none).
+    keep_last: int = 3
+    keep_every: int = 0
+    # Check every file of the checkpoint against its SHA-256 (checksums.json) before loading it.
+    verify_on_load: bool = True
+    # On a damaged checkpoint, resume from the previous complete one (the damaged directory is
+    # renamed *.corrupt-*, not deleted) instead of stopping with exit 2.
+    fallback_on_corruption: bool = False
 
 
 @dataclass
@@ -358,6 +373,20 @@ def validate(cfg: RunConfig) -> None:
                     f"parallel.context={p.context}: megatron-core's context parallelism needs "
                     "TransformerEngine attention (GPU); without it use parallel.context=1"
                 )
+    if p.sequence_parallel and p.tensor == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits activations over "
+            "the tensor-parallel ranks; megatron-core fails at TP=1): set "
+            "parallel.sequence_parallel=false (SEQUENCE_PARALLEL=false for the stage scripts) or "
+            "raise parallel.tensor"
+        )
+    if p.sequence_parallel and cfg.data.seq_length % (p.tensor * p.context):
+        raise ConfigError(
+            f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tensor x "
+            f"parallel.context = {p.tensor * p.context} under sequence parallelism (the sequence is "
+            "split over the tensor-parallel ranks)"
+        )
+    validate_checkpoint(cfg.checkpoint)
     if p.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
     if t.global_batch_size % t.micro_batch_size:
@@ -393,6 +422,16 @@ def validate(cfg: RunConfig) -> None:
                 f"({source}): the N-gram hash would not reset at document boundaries; set "
                 f"model.ngram.eos_token_id={eod}"
             )
+
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    """Checkpoint settings that would fail only at the first save or load."""
+    for name in ("save_interval", "keep_last", "keep_every"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"checkpoint.{name}={getattr(c, name)} must be >= 0 (0 = off)")
+    if c.fallback_on_corruption and not c.verify_on_load:
+        raise ConfigError("checkpoint.fallback_on_corruption=true needs checkpoint.verify_on_load=true "
+                          "(damage is found by the verification)")
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

@@ -3,7 +3,7 @@
 Start one process per rank with torchrun (``launch/local.sh``) or srun (``launch/pretrain.sh``).
 Examples::
 
-    torchrun --nproc-per-node 2 -m longcat_megatron.train --config configs/tiny.yaml parallel.tensor=2
+    torchrun --nproc-per-node 2 --signals-to-handle=SIGTERM,SIGINT,SIGUSR1 -m longcat_megatron.train --config configs/tiny.yaml parallel.tensor=2
     python -m longcat_megatron.train --config configs/tiny.yaml --dry-run
 
 Every field of the YAML config can be overridden as ``section.field=value`` (values parsed as YAML).

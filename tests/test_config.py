@@ -39,6 +39,13 @@ def test_resolved_config_round_trips(tmp_path):
     (["parallel.distributed_optimizer=false", "parallel.overlap_param_gather=true"],
      r"parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true"),
     (["model.expert_impl=fast"], r"model.expert_impl='fast': use grouped, sequential or te"),
+    # what training would crash on, caught by the config check (and so by --dry-run)
+    (["parallel.sequence_parallel=true"], r"sequence_parallel=true needs parallel.tensor > 1"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true", "data.seq_length=63"],
+     r"data.seq_length=63 must be divisible by parallel.tensor x parallel.context = 2"),
+    (["checkpoint.keep_last=-1"], r"checkpoint.keep_last=-1 must be >= 0"),
+    (["checkpoint.verify_on_load=false", "checkpoint.fallback_on_corruption=true"],
+     r"fallback_on_corruption=true needs checkpoint.verify_on_load=true"),
 ])
 def test_bad_values_name_the_field(overrides, match):
     with pytest.raises(UserInputError, match=match):

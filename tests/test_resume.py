@@ -1,5 +1,6 @@
 """Resume is exact: 20 steps straight == 10 steps, stop, resume, 10 more (identical losses and
-bitwise-identical final weights on CPU), at DP=2 with the distributed optimizer; a crash while
+bitwise-identical final weights on CPU), at DP=2 with the distributed optimizer and megatron's
+fully-parallel save and load; a crash while
 writing a checkpoint resumes from the previous complete one and reports the ignored directory."""
 
 import os
@@ -19,7 +20,9 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert first[0]["iteration"] == 10
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
     assert (ckpt / "iter_0000010" / "run_config.yaml").is_file()
-    second = run_distributed(run_training, 2, BASE + [f"checkpoint.save={ckpt}"])
+    # saved with megatron's fully-parallel save (the default), loaded with its fully-parallel load
+    second = run_distributed(run_training, 2, BASE + [f"checkpoint.save={ckpt}",
+                                                      "checkpoint.fully_parallel_load=true"])
     assert second[0]["resumed_from"] == 10
     resumed_losses = {**first[0]["losses"], **second[0]["losses"]}
     assert resumed_losses == straight[0]["losses"]  # exact float equality

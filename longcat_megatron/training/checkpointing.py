@@ -7,7 +7,12 @@ Layout (Megatron-LM's)::
     SAVE_DIR/iter_0000100/run_config.yaml        # the resolved config of the run that saved it
 
 A checkpoint counts only once the tracker names it. A directory newer than the tracker (a crash while
-saving) is ignored on load and reported. A checkpoint holds the model, the optimizer (in megatron's
+saving) is ignored on load and reported. Every committed checkpoint carries ``checksums.json`` (a
+SHA-256 per file, taken while writing) that load verifies; a run holds ``SAVE_DIR/.lock`` while it
+runs; nothing at or below the tracker's iteration, and no complete checkpoint, is ever deleted except
+by the retention policy (``keep_last``/``keep_every``): see training/checkpoint_integrity.py.
+
+A checkpoint holds the model, the optimizer (in megatron's
 ``fully_reshardable`` format by default, so TP/PP/EP/DP may change on resume), the LR scheduler, the
 iteration, consumed samples, the data fingerprint and every rank's RNG state: resuming is exact.
 """
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from longcat_megatron.errors import UserInputError
+from longcat_megatron.training import checkpoint_integrity as integrity
 from longcat_megatron.training.faults import maybe_inject
 from longcat_megatron.training.schedule import definition_from_scheduler_state, resume_scheduler
 from longcat_megatron.training.setup import unwrap
@@ -230,6 +236,8 @@ def save_checkpoint(
     async_save: bool = False,
     async_queue=None,
     keep_last: int = 0,
+    keep_every: int = 0,
+    fully_parallel: bool = False,
 ) -> str:
     """Save a checkpoint of ``train_state.iteration`` under ``root`` and commit it.
 
@@ -240,12 +248,17 @@ def save_checkpoint(
 
     rank, world = dist.get_rank(), dist.get_world_size()
     path = iteration_dir(root, train_state.iteration)
+    problem = None
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.isdir(path):  # a leftover from a crash at this iteration: replace it
-            shutil.rmtree(path)
-        os.makedirs(path)
-    dist.barrier()
+        try:  # a leftover of a crash at this iteration: never a committed or complete checkpoint
+            kept = integrity.clear_for_save(path, train_state.iteration, read_tracker(root))
+            if kept:
+                print(f"[checkpoint] kept the complete but uncommitted {path} as {kept}", flush=True)
+            os.makedirs(path)
+        except (OSError, UserInputError) as e:
+            problem = e
+    _agree(problem, f"the save of {path} was refused on rank 0 (see its message)")
     state: dict[str, Any] = _model_sharded_state(model_chunks)
     model_sd = state.get("model", state.get("model0"))
     if optimizer is not None:
@@ -264,6 +277,11 @@ def save_checkpoint(
     state["optimizer_format"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
     state["world_size"] = world
     state["rng_state"] = _rng_sharded_object(rank, world)
+    needed = integrity.state_bytes(state)
+    space = integrity.check_space(root, _sum_over_ranks(needed))
+    _agree(integrity.CheckpointSaveError(space) if space else None,
+           f"a rank has no space left for the checkpoint in {root} (see its message)")
+    integrity.install_digesting_writer()
 
     iteration = train_state.iteration  # an async commit runs later, when the loop has moved on
 
@@ -272,27 +290,84 @@ def save_checkpoint(
         if rank == 0:
             if config_yaml_writer is not None:
                 config_yaml_writer(os.path.join(path, CONFIG_NAME))
+            integrity.write_manifest(path)
             _write_tracker(root, iteration)
             if keep_last > 0:
-                prune_checkpoints(root, keep_last)
+                prune_checkpoints(root, keep_last, keep_every)
 
     if async_save:
-        request = dist_checkpointing.save(state, path, async_sharded_save=True)
+        request = dist_checkpointing.save(state, path, _parallel_strategy("save", fully_parallel),
+                                          async_sharded_save=True)
         request.add_finalize_fn(commit)
+        _scheduled_async_saves[:] = [(path, needed)]
         async_queue.schedule_async_request(request)
     else:
-        dist_checkpointing.save(state, path)
+        try:
+            dist_checkpointing.save(state, path, _parallel_strategy("save", fully_parallel))
+        except Exception as e:  # noqa: BLE001 - re-raised, with the cause named when it is known
+            described = integrity.describe_save_error(e, path, needed)
+            if described is e:
+                raise
+            raise described from e
         dist.barrier()
         commit()
         dist.barrier()
     return path
 
 
-def prune_checkpoints(root: str, keep_last: int) -> list[int]:
-    """Delete committed checkpoints older than the newest ``keep_last`` ones; returns the deleted."""
+def _parallel_strategy(action: str, fully_parallel: bool, path: Optional[str] = None):
+    """megatron's fully-parallel save/load wrapper over the data-parallel group (each DP replica
+    writes/reads a share of the replicated tensors instead of DP rank 0 doing all), or None for the
+    default strategy."""
+    if not fully_parallel or dist.get_world_size() == 1:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy,
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    if action == "save":
+        return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
+
+
+def _sum_over_ranks(value: int) -> int:
+    total = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from longcat_megatron import runtime
+
+        total = total.to(runtime.device())
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def _agree(problem: Optional[Exception], elsewhere: str) -> None:
+    """Collective: raise ``problem`` here, or a pointer to the rank that had one, on every rank."""
+    flag = torch.tensor([1 if problem is not None else 0], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from longcat_megatron import runtime
+
+        flag = flag.to(runtime.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if problem is not None:
+        raise problem
+    if int(flag.item()):
+        raise integrity.CheckpointSaveError(elsewhere)
+
+
+def prune_checkpoints(root: str, keep_last: int, keep_every: int = 0) -> list[int]:
+    """Retention: delete committed checkpoints older than the newest ``keep_last`` ones, except every
+    ``keep_every``-th iteration (kept for good); returns the deleted iterations."""
     latest = read_tracker(root)
     committed = [i for i in list_iterations(root) if latest is not None and i <= latest]
     doomed = committed[:-keep_last] if keep_last > 0 else []
+    doomed = [i for i in doomed if not (keep_every > 0 and i % keep_every == 0)]
     for it in doomed:
         shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
     return doomed
@@ -305,10 +380,22 @@ def _merged(state: dict) -> dict:
     return merged
 
 
+_scheduled_async_saves: list = []  # (path, bytes) of the latest background save, for error messages
+
+
 def finalize_async_saves(async_queue, blocking: bool = False) -> None:
     """Commit finished background saves (all ranks must call it at the same points)."""
-    if async_queue is not None:
+    if async_queue is None:
+        return
+    try:
         async_queue.maybe_finalize_async_calls(blocking=blocking, no_dist=False)
+    except Exception as e:  # noqa: BLE001 - a failed background write: name cause and path if known
+        if not _scheduled_async_saves:
+            raise
+        described = integrity.describe_save_error(e, *_scheduled_async_saves[-1])
+        if described is e:
+            raise
+        raise described from e
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -328,6 +415,15 @@ def find_checkpoint(root: str) -> tuple[Optional[int], list[int]]:
         return None, []
     latest = read_tracker(root)
     ignored = uncommitted_iterations(root)
+    if latest is None:
+        complete = [i for i in ignored if integrity.is_complete(iteration_dir(root, i))]
+        if complete:
+            raise CheckpointError(
+                f"{os.path.join(root, TRACKER)} is missing, but {root} holds complete checkpoints "
+                f"(iterations {complete}); starting from scratch would save over them. Restore the "
+                f"tracker to resume from the newest (`echo {complete[-1]} > {os.path.join(root, TRACKER)}`),"
+                " or give this run another checkpoint.save directory"
+            )
     if latest is not None and not os.path.isfile(os.path.join(iteration_dir(root, latest), "metadata.json")):
         raise CheckpointError(
             f"{root}/{TRACKER} names iteration {latest} but {iteration_dir(root, latest)} is missing "
@@ -360,6 +456,9 @@ def load_checkpoint(
     load_scheduler: bool = True,
     fully_reshardable: bool = True,
     iteration: Optional[int] = None,
+    verify: bool = True,
+    fallback_on_corruption: bool = False,
+    fully_parallel: bool = False,
 ) -> tuple[LoadResult, TrainState]:
     """Load the latest committed checkpoint of ``root`` into model/optimizer/scheduler.
 
@@ -377,8 +476,14 @@ def load_checkpoint(
         latest = iteration
     if latest is None:
         return LoadResult(None, None, ignored), TrainState()
+    if verify:
+        latest = _verified_iteration(root, latest, fallback_on_corruption and iteration is None)
     path = iteration_dir(root, latest)
-    common = dist_checkpointing.load_common_state_dict(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - e.g. a truncated common.pt of an unverified checkpoint
+        raise CheckpointError(f"cannot read {os.path.join(path, 'common.pt')}: {e}. Restore it from a "
+                              "copy or resume from an earlier iteration") from e
     saved_world = common.get("world_size")
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -395,7 +500,14 @@ def load_checkpoint(
     restore_rng = load_rng and saved_world == world
     if restore_rng:
         state["rng_state"] = _rng_sharded_object(rank, world)
-    loaded = dist_checkpointing.load(state, path)
+    try:
+        loaded = dist_checkpointing.load(state, path, _parallel_strategy("load", fully_parallel, path))
+    except Exception as e:  # noqa: BLE001 - shard read errors name no file; name the checkpoint
+        if not _looks_like_damage(e):
+            raise
+        raise CheckpointError(f"cannot read the checkpoint {path}: {e}. Its files may be damaged "
+                              "(`sha256sum` them against checksums.json); restore them or resume "
+                              "from an earlier iteration") from e
 
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(loaded["model"])
@@ -421,3 +533,53 @@ def load_checkpoint(
     )
     return LoadResult(latest, path, ignored, restore_rng, restore_optimizer,
                       restore_scheduler), train_state
+
+
+def _looks_like_damage(exc: BaseException) -> bool:
+    """A read error of damaged files (EOF, I/O, bad zip/pickle), not e.g. a model/checkpoint mismatch."""
+    markers = ("EOFError", "PytorchStreamReader", "zip archive", "UnpicklingError", "Errno", "truncated",
+               "unexpected EOF", "No such file")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (EOFError, OSError)) or any(m in str(exc) for m in markers):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _verified_iteration(root: str, latest: int, allow_fallback: bool) -> int:
+    """Collective: ``latest`` when its files match their digests; with ``allow_fallback`` the newest
+    earlier complete checkpoint that verifies (the damaged directories are renamed ``*.corrupt-*``,
+    never deleted, and the tracker is pointed at the one used); otherwise a CheckpointCorruptError
+    naming the files and the way out."""
+    candidate, damaged = latest, []
+    while True:
+        problems = integrity.verify_checkpoint(iteration_dir(root, candidate))
+        if not problems:
+            break
+        damaged.append(candidate)
+        earlier = [i for i in list_iterations(root)
+                   if i < candidate and integrity.is_complete(iteration_dir(root, i))]
+        if not allow_fallback or not earlier:
+            way_out = (f"set checkpoint.fallback_on_corruption=true to resume from "
+                       f"{iteration_dir(root, earlier[-1])} (the damaged directory is renamed, not "
+                       "deleted), or restore the files from a copy" if earlier else
+                       "restore the files from a copy (there is no earlier complete checkpoint)")
+            raise integrity.CheckpointCorruptError(
+                f"checkpoint {iteration_dir(root, candidate)} is damaged: " + "; ".join(problems)
+                + f". Nothing was loaded. To go on, {way_out}")
+        if dist.get_rank() == 0:
+            print(f"[checkpoint] {iteration_dir(root, candidate)} is damaged ({'; '.join(problems)}); "
+                  f"checkpoint.fallback_on_corruption: trying {iteration_dir(root, earlier[-1])}",
+                  flush=True)
+        candidate = earlier[-1]
+    if damaged:
+        if dist.get_rank() == 0:
+            for it in damaged:
+                kept = integrity.set_aside(iteration_dir(root, it), "corrupt")
+                print(f"[checkpoint] damaged checkpoint kept as {kept}", flush=True)
+            _write_tracker(root, candidate)
+            print(f"[checkpoint] fell back to iteration {candidate} (tracker rewritten)", flush=True)
+        dist.barrier()
+    return candidate

@@ -5,6 +5,8 @@ the iteration is ITER (on every rank, or only on RANK):
 
 - ``kill_during_save``: SIGKILL after the shards of ITER are written, before the commit;
 - ``signal_after_step``: SIGUSR1 to this process after step ITER (a preemption warning);
+  ``signal_after_step:ITER:RANK:SIGTERM`` (RANK may be ``*``) sends the named signal to this process
+  and all its descendants (the checkpoint helpers), as SLURM signals every process of a job step.
 - ``crash_after_step``: raise :class:`InjectedCrash` after step ITER (a software crash);
 - ``hang_after_step``: block forever after step ITER (a hung collective; the watchdog ends it).
 
@@ -40,7 +42,16 @@ def maybe_inject(point: str, iteration: int, rank: int) -> None:
     parts = spec.split(":")
     if parts[0] != point or int(parts[1]) != iteration:
         return
-    if len(parts) > 2 and int(parts[2]) != rank:
+    if len(parts) > 2 and parts[2] != "*" and int(parts[2]) != rank:
+        return
+    if len(parts) > 3:
+        sig = signal.Signals[parts[3]]
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        os.kill(os.getpid(), sig)
         return
     once = os.environ.get("LONGCAT_FAULT_ONCE")
     if once:
@@ -87,3 +98,18 @@ def install_failure_recorder() -> None:
 
     hook._longcat_records = True
     sys.excepthook = hook
+
+
+def _descendants(pid: int) -> list:
+    """Process ids below ``pid`` (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out

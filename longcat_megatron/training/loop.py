@@ -19,6 +19,7 @@ import torch.distributed as dist
 from longcat_megatron import runtime
 from longcat_megatron.config import RunConfig, save_config
 from longcat_megatron.training import checkpointing as ckpt
+from longcat_megatron.training.checkpoint_lock import lock_save_dir
 from longcat_megatron.training.faults import install_failure_recorder, maybe_inject, note_progress
 from longcat_megatron.training.progress import ProgressLogger
 from longcat_megatron.training.setup import (
@@ -231,6 +232,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
 
     c = cfg.checkpoint
     save_dir = c.save
+    save_dir_lock = lock_save_dir(save_dir)  # one run per checkpoint directory
     # Resubmitting the same job resumes it; checkpoint.load only seeds a stage until it has its own.
     load_dir, own_checkpoint = ckpt.resume_source(c.save, c.load)
     log = ProgressLogger(rank == last_rank, t.train_iters, t.global_batch_size * cfg.data.seq_length,
@@ -259,6 +261,8 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             load_optimizer=not c.no_load_optim and not weights_only,
             load_rng=not c.no_load_rng and not fresh_schedule,
             load_scheduler=not fresh_schedule,
+            verify=c.verify_on_load, fallback_on_corruption=c.fallback_on_corruption,
+            fully_parallel=c.fully_parallel_load,
         )
         restore_group_schedule_values(optimizer, group_lrs)
         scheduler.step(increment=0)  # this run's LR/WD at the loaded (or fresh) step count
@@ -309,7 +313,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         path = ckpt.save_checkpoint(
             save_dir, model, optimizer, scheduler, state, config_yaml_writer=write_config,
             fully_reshardable=c.fully_reshardable, async_save=c.async_save, async_queue=async_queue,
-            keep_last=c.keep_last,
+            keep_last=c.keep_last, keep_every=c.keep_every, fully_parallel=c.fully_parallel_save,
         )
         boot.print(f"[checkpoint] {'scheduled' if c.async_save else 'saved'} iteration "
                    f"{state.iteration} -> {path}")
@@ -387,6 +391,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         async_queue.close()
     watchdog.stop()
     stop.restore()
+    save_dir_lock.release()
     log.close()
     result.iteration = state.iteration
     sync_params(model)

@@ -1,11 +1,16 @@
-"""Stop requests: SIGTERM/SIGUSR1 (SLURM's pre-timeout warning, ``scancel --signal``) and a wall-clock
-limit. Ranks agree on stopping through an all-reduce, so they all save the same iteration.
+"""Stop requests: SIGTERM/SIGUSR1/SIGINT (SLURM's pre-timeout warning, ``scancel --signal``, Ctrl-C
+forwarded by torchrun) and a wall-clock limit. Ranks agree on stopping through an all-reduce, so they
+all save the same iteration.
 
 SLURM signals *every* process of a job step, not only the rank: helper processes must survive the
 signal, or the save it asks for fails. Forked helpers inherit the Python handler (harmless), but
 megatron's checkpoint writer keeps a *spawned* ``multiprocessing`` Manager (fresh interpreter,
 default action = die on SIGUSR1/SIGTERM); :func:`shield_spawned_checkpoint_helpers` makes it start
-with those signals blocked.
+with those signals blocked, and so is multiprocessing's resource tracker, which is started *before*
+the signals are blocked (its start unblocks SIGINT/SIGTERM in the caller, which would otherwise let the
+Manager start unshielded from the second spawn on). Both helpers die with their rank: the Manager
+gets ``PR_SET_PDEATHSIG`` (Linux), and the tracker exits when the last process holding its pipe
+(the rank, the Manager) is gone.
 """
 
 from __future__ import annotations
@@ -23,7 +28,20 @@ import torch.distributed as dist
 EXIT_REQUEUE = 75
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _ensure_resource_tracker_shielded() -> None:
+    """Start multiprocessing's resource tracker (if not running) with SIGUSR1 blocked. Its start blocks
+    and then *unblocks* SIGINT/SIGTERM in the calling thread (it ignores those two itself), so it must
+    run before, not inside, a block of the stop signals."""
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _spawn_with_stop_signals_blocked(create):
@@ -32,6 +50,7 @@ def _spawn_with_stop_signals_blocked(create):
     is handled once unblocked (nothing is lost)."""
     if threading.current_thread() is not threading.main_thread():
         return create()
+    _ensure_resource_tracker_shielded()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         return create()
@@ -39,9 +58,22 @@ def _spawn_with_stop_signals_blocked(create):
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _start_results_queue():
+    """megatron's write-results queue (a spawned Manager's Queue), its server tied to this process."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from longcat_megatron.training.helper_lifetime import die_with_parent
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(die_with_parent, (os.getpid(),))
+    return manager.Queue()  # the proxy keeps the manager referenced
+
+
 def shield_spawned_checkpoint_helpers() -> None:
     """Make megatron-core's checkpoint-writer results queue (a spawned Manager process, created on the
-    first save) immune to SIGUSR1/SIGTERM sent to the whole job step. Idempotent."""
+    first save) immune to the stop signals sent to the whole job step, and make it die with the rank.
+    Idempotent."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:
@@ -52,9 +84,12 @@ def shield_spawned_checkpoint_helpers() -> None:
 
     @functools.wraps(original)
     def shielded():
-        if fa._results_queue is not None:
-            return fa._results_queue
-        return _spawn_with_stop_signals_blocked(original)
+        if threading.current_thread() is not threading.main_thread():
+            # PR_SET_PDEATHSIG fires when the creating *thread* ends: only tie it to the main thread
+            return original()
+        if fa._results_queue is None:
+            fa._results_queue = _spawn_with_stop_signals_blocked(_start_results_queue)
+        return fa._results_queue
 
     shielded._longcat_shielded = True
     fa._get_write_results_queue = shielded
