@@ -84,13 +84,25 @@ def _compare_backends(context: int, cases: list):
 
 
 CASES = [("plain_mtp", AUX, False), ("yarn_docmask_mtp", {**AUX, **YARN}, True)]
+PROBE_SEQ = 256
+
+
+def _all_checks():
+    """Everything in one pair of processes (start-up dominates): CP=2, then CP=1 (each rank
+    alone on the whole sequence), then the score-matrix probe."""
+    return {"cp2": _compare_backends(2, CASES), "cp1": _compare_backends(1, CASES),
+            "probe": _largest_attention_tensors(PROBE_SEQ)}
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return run_distributed(_all_checks, 2)
 
 
 @pytest.mark.parametrize("context", [1, 2], ids=["cp1", "cp2"])
-def test_sdpa_equals_eager(context):
-    results = run_distributed(_compare_backends, context, context, CASES)
-    for rank, per_case in enumerate(results):
-        for name, (logits, grads) in per_case.items():
+def test_sdpa_equals_eager(checks, context):
+    for rank, result in enumerate(checks):
+        for name, (logits, grads) in result[f"cp{context}"].items():
             print(f"cp={context} rank {rank} {name}: logits {logits:.1e}, worst gradient {grads:.1e}")
             assert logits < 1e-6 and grads < 1e-6, (name, logits, grads)
 
@@ -117,7 +129,7 @@ def _largest_attention_tensors(seq: int):
                     self.numel, self.op = t.numel(), str(func)
             return result
 
-    runtime.initialize(seed=3)
+    runtime.initialize(seed=3)   # (no process group used below)
     cfg = tiny_config()
     mla = LongcatMLA(cfg, transformer_config(cfg)).train()
     x = torch.randn(seq, 1, cfg.hidden_size, requires_grad=True)
@@ -132,9 +144,9 @@ def _largest_attention_tensors(seq: int):
     return out, cfg.num_attention_heads
 
 
-def test_sdpa_builds_no_score_matrix():
-    seq = 256
-    largest, heads = run_distributed(_largest_attention_tensors, 1, seq)[0]
+def test_sdpa_builds_no_score_matrix(checks):
+    seq = PROBE_SEQ
+    largest, heads = checks[0]["probe"]
     (sdpa, sdpa_op), (eager, _) = largest["sdpa"], largest["eager"]
     print(f"largest tensor at s={seq}: sdpa {sdpa} ({sdpa_op}), eager {eager}, s*s = {seq * seq}")
     assert eager >= heads * seq * seq          # the probe sees a score matrix when there is one

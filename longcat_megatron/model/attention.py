@@ -158,7 +158,8 @@ class LongcatMLA(MegatronModule):
         if self._recomputes("mla_up_proj"):
             # Keep only the small latents; q, k, v are freed after the core attention and rebuilt
             # just before its backward (megatron's MLA does the same).
-            up_checkpoint = tensor_parallel.CheckpointWithoutOutput()
+            # (its ``fp8`` argument means "an fp8 recipe is set" when not None: pass the config's)
+            up_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
             query, key, value = up_checkpoint.checkpoint(
                 self._up_project, q_latent, latent, k_rope, cos, sin)
         else:
