@@ -16,6 +16,12 @@ small compressed tensors [RMSNorm(c)·a_kv | RoPE(kr)] (kv_lora + rope dims per 
 global sequence order; local queries attend to all keys with the causal mask of their global
 positions (or the dense mask, split on its query dim). The gather's backward sums the key
 gradients of all CP ranks back to the owner of each token (reduce-scatter).
+
+Core attention (:func:`attend`): ``model.attention_backend`` "sdpa" (torch's fused kernels, v padded
+to the q·k head dim so that they apply; no s x s tensor) or "eager" (explicit fp32 scores, the
+reference). Selective recompute (``train.recompute: selective``, megatron's ``recompute_modules``):
+"core_attn" checkpoints the core attention, "mla_up_proj" the up projections + RoPE (q, k, v freed
+after the core attention and rebuilt before its backward). docs/model.md has the details and costs.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ attention), or with ``model.ngram`` the vocab-sharded ``NgramEmbedding`` (LongCa
 to ``[s, b, H]`` (sequence shards under SP). The n-gram hash resets after ``ngram.eos_token_id``
 (documents packed by the data tools end with EOS). The MTP head keeps its own plain embedding
 (HF ``model.mtp.embed_tokens``), as in the released checkpoints.
+
+Full activation recompute (``train.recompute: full``): ``LongcatBlock`` runs each of the first
+``recompute_num_layers`` shortcut layers of the chunk through megatron's ``tensor_parallel.checkpoint``
+(RNG states restored, so dropout matches). With the "sdpa" attention backend a dense attention mask
+is turned into one additive float mask per forward, shared by every layer.
 """
 
 from __future__ import annotations
