@@ -31,6 +31,15 @@ LAYER = dict(arch="longcat", num_layers=1, hidden_size=256, num_attention_heads=
              zero_expert_num=2, moe_router_topk=3, moe_ffn_hidden_size=128, q_lora_rank=128,
              kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
 BACKENDS = ("eager", "sdpa")
+METHOD = ("Method: peak = VmHWM after resetting it (/proc/self/clear_refs) minus VmRSS before the "
+          "step; held = VmRSS after the forward minus before (what the backward keeps); glibc "
+          "MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the resident set; one process per "
+          "backend, a 128-token warm-up step per recompute setting.")
+NOTE = ("Reading: with SDPA both columns grow 2.0x per doubling of s (linear); eager grows ~3.7x "
+        "(the s x s scores). Full recompute keeps only the layer input (held ~0) but recomputes the "
+        "whole layer in its backward, so a single layer's peak is unchanged: its gain is the held "
+        "memory of every layer and micro-batch in flight. Selective keeps the latents instead of "
+        "q, k, v (and, with eager, not the s x s probabilities).")
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -162,11 +171,8 @@ def main(argv=None) -> int:
 
         shape = ", ".join(f"{k}={v}" for k, v in LAYER.items() if k not in ("arch", "vocab_size"))
         flag = " --selective-parts" if parts else ""
-        text = (f"Command: `python bench/attention_memory.py --seqs {args.seqs}{flag}`. One shortcut layer "
-                f"({shape}), fp32, batch 1, one process. Peak extra resident memory of one forward + "
-                "backward (VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS before the "
-                "step) and resident memory held after the forward (VmRSS then, minus before); glibc MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS), fresh process "
-                "per cell after a 128-token warm-up step.\n\n" + body)
+        text = (f"Command: `python bench/attention_memory.py --seqs {args.seqs}{flag}`. One shortcut "
+                f"layer ({shape}), fp32, batch 1, one rank. {METHOD}\n\n" + body + "\n\n" + NOTE)
         print("written to", append_section("Attention memory: one shortcut layer fwd+bwd", text))
     return 0
 
