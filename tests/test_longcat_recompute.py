@@ -2,8 +2,8 @@
 parameter with selective recompute (core attention + MLA up projections), full recompute (each
 shortcut layer through megatron's ``tensor_parallel.checkpoint``) and full recompute of the first
 layer only equal those without recompute (bitwise or within 1e-7 of the gradient scale), with
-attention dropout on (the RNG tracker replays the same masks), in one process and at TP2 (+SP) and
-EP2; the recompute really runs (the up projections / layers run twice) and the router's step
+attention dropout on (the RNG tracker replays the same masks), in one process and at TP2 (+SP), EP2
+and CP2; the recompute really runs (the up projections / layers run twice) and the router's step
 statistics are counted once.
 """
 
@@ -48,7 +48,12 @@ def _recompute_vs_none(layout, cases):
     tensor = layout.get("tensor", 1)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 96, (BATCH, SEQ + 1), generator=g)
-    pos = torch.arange(SEQ)[None].expand(BATCH, -1)
+    batch = {"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+             "position_ids": torch.arange(SEQ)[None].expand(BATCH, -1).contiguous()}
+    if layout.get("context", 1) > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(batch)
     out = {}
     for name, overrides in cases:
         cfg = tiny_config(**overrides)
@@ -63,7 +68,8 @@ def _recompute_vs_none(layout, cases):
             tensor_parallel.get_cuda_rng_tracker().set_states(dict(tracker_state))
             model.zero_grad()
             calls["up_project"] = 0
-            model(ids[:, :-1], pos, None, labels=ids[:, 1:]).float().sum().backward()
+            model(batch["tokens"], batch["position_ids"], None,
+                  labels=batch["labels"]).float().sum().backward()
             grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
             picks = torch.stack([r.step_picks.clone() for _, r in model.routers()])
             for _, router in model.routers():
@@ -110,7 +116,8 @@ def _check(results, attentions):
 
 SINGLE_CASES = [("sdpa", dict(mtp_num_layers=1)), ("sdpa_dropout", DROPOUT),
                 ("eager_dropout", {**DROPOUT, "attention_backend": "eager"})]
-LAYOUTS = {"single": dict(), "tp2_sp": dict(tensor=2), "ep2": dict(expert=2)}
+LAYOUTS = {"single": dict(), "tp2_sp": dict(tensor=2), "ep2": dict(expert=2),
+           "cp2": dict(context=2)}
 
 
 def _all_layouts():
