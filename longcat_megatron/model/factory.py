@@ -85,7 +85,7 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
         )
     fields = recompute_fields(cfg, recompute, recompute_num_layers,
-                              layers_per_chunk=cfg.num_layers // (pipeline * (virtual_pipeline or 1)))
+                              layers_per_chunk=max(1, cfg.num_layers // (pipeline * (virtual_pipeline or 1))))
     if cfg.arch == "gpt" or recompute != "selective":
         kwargs.update(fields)
     tf = TransformerConfig(**kwargs)
