@@ -163,8 +163,8 @@ class LongcatMLA(MegatronModule):
         up_checkpoint = None
         if self._recomputes("mla_up_proj"):
             # Keep only the small latents; q, k, v are freed after the core attention and rebuilt
-            # just before its backward (megatron's MLA does the same).
-            # (its ``fp8`` argument means "an fp8 recipe is set" when not None: pass the config's)
+            # just before its backward (megatron's MLA does the same). Its ``fp8`` argument means
+            # "an fp8 recipe is set" whenever it is not None: pass the config's (None by default).
             up_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
             query, key, value = up_checkpoint.checkpoint(
                 self._up_project, q_latent, latent, k_rope, cos, sin)
