@@ -65,6 +65,11 @@ class TrainConfig:
     # Hang watchdog: no step completed for this many minutes -> dump every thread's Python stack to
     # the log dir and exit 76 (requeued by launch/common.sh); fractions allowed; 0 = off.
     hang_timeout_mins: float = 0.0
+    # Activation recompute: "none", "selective" (LongCat: core attention, MLA up projections,
+    # expert activation) or "full" (each layer recomputed from its input in the backward).
+    recompute: str = "none"
+    # With "full": recompute only the first N layers of each pipeline chunk (None = all).
+    recompute_num_layers: Optional[int] = None
 
 
 @dataclass
@@ -394,6 +399,12 @@ def validate(cfg: RunConfig) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
+    if t.recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"train.recompute={t.recompute!r}: use none, selective or full")
+    if t.recompute_num_layers is not None and (t.recompute != "full" or t.recompute_num_layers < 1):
+        raise ConfigError(
+            f"train.recompute_num_layers={t.recompute_num_layers} needs train.recompute=full and "
+            "a value >= 1 (layers per pipeline chunk to recompute); remove it otherwise")
     if cfg.schedule.style not in ("cosine", "linear", "constant", "wsd"):
         raise ConfigError(
             f"schedule.style={cfg.schedule.style!r}: use cosine, linear, constant or wsd"

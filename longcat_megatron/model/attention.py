@@ -16,6 +16,12 @@ small compressed tensors [RMSNorm(c)·a_kv | RoPE(kr)] (kv_lora + rope dims per 
 global sequence order; local queries attend to all keys with the causal mask of their global
 positions (or the dense mask, split on its query dim). The gather's backward sums the key
 gradients of all CP ranks back to the owner of each token (reduce-scatter).
+
+Core attention (:func:`attend`): ``model.attention_backend`` "sdpa" (torch's fused kernels, v padded
+to the q·k head dim so that they apply; no s x s tensor) or "eager" (explicit fp32 scores, the
+reference). Selective recompute (``train.recompute: selective``, megatron's ``recompute_modules``):
+"core_attn" checkpoints the core attention, "mla_up_proj" the up projections + RoPE (q, k, v freed
+after the core attention and rebuilt before its backward). docs/model.md has the details and costs.
 """
 
 from __future__ import annotations
@@ -131,15 +137,18 @@ class LongcatMLA(MegatronModule):
         self.kv_scale = math.sqrt(h / cfg.kv_lora_rank) if cfg.mla_scale_kv_lora else 1.0
         self.softmax_scale = softmax_scale(cfg)
 
+    # ---- recompute (megatron's selective granularity) ---------------------------------------
+    def _recomputes(self, module: str) -> bool:
+        """Whether ``module`` ("core_attn" / "mla_up_proj") is recomputed in this forward."""
+        config = self.config
+        return (self.training and torch.is_grad_enabled()
+                and config.recompute_granularity == "selective"
+                and module in (config.recompute_modules or ()))
+
     def forward(self, x: torch.Tensor, rotary, attention_mask: Optional[torch.Tensor] = None):
         cfg = self.cfg
         cos, sin = rotary
         q_latent, _ = self.linear_q_down_proj(x)                       # [s, b, q_lora]
-        q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))        # [s, b, n*(nope+rope)]
-        s, b = q.shape[:2]
-        q = q.view(s, b, self.heads_local, cfg.qk_head_dim) * self.q_scale
-        q_nope, q_rope = torch.split(q, [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-
         kv, _ = self.linear_kv_down_proj(x)                             # [s, b, kv_lora+rope]
         latent, k_rope = torch.split(kv, [cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_layernorm(latent) * self.kv_scale
@@ -150,44 +159,60 @@ class LongcatMLA(MegatronModule):
             keys = gather_sequence_over_cp(torch.cat([latent, k_rope[:, :, 0]], dim=-1))
             latent, k_rope = torch.split(keys, [cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
             k_rope = k_rope[:, :, None, :]
-        kv_up, _ = self.linear_kv_up_proj(latent)                       # [s_k, b, n*(nope+v)]
-        kv_up = kv_up.view(kv_up.shape[0], b, self.heads_local, cfg.qk_nope_head_dim + cfg.v_head_dim)
-        k_nope, v = torch.split(kv_up, [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
 
-        q_rope = InterleavedRotary.rotate(q_rope, cos, sin)
-        query = torch.cat([q_nope, q_rope], dim=-1)
-        key = torch.cat([k_nope, k_rope.expand(-1, -1, self.heads_local, -1)], dim=-1)
-
-        if context_parallel_size() > 1:
-            out = self._chunked_attention(query, key, v, attention_mask)
+        up_checkpoint = None
+        if self._recomputes("mla_up_proj"):
+            # Keep only the small latents; q, k, v are freed after the core attention and rebuilt
+            # just before its backward (megatron's MLA does the same). Its ``fp8`` argument means
+            # "an fp8 recipe is set" whenever it is not None: pass the config's (None by default).
+            up_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
+            query, key, value = up_checkpoint.checkpoint(
+                self._up_project, q_latent, latent, k_rope, cos, sin)
         else:
-            out = self._core_attention(query, key, v, attention_mask)   # [s, b, n_local*v]
+            query, key, value = self._up_project(q_latent, latent, k_rope, cos, sin)
+        if self._recomputes("core_attn"):
+            out = tensor_parallel.checkpoint(self._attention, False, query, key, value,
+                                             attention_mask)
+        else:
+            out = self._attention(query, key, value, attention_mask)   # [s, b, n_local*v]
+        if up_checkpoint is not None:
+            up_checkpoint.discard_output_and_register_recompute(out)
         out, _ = self.linear_proj(out)
         return out
 
-    def _core_attention(self, q, k, v, attention_mask):
-        """Causal softmax attention in [s, b, heads, d]; a megatron bool mask (True = masked out)
-        replaces the causal default when given."""
+    def _up_project(self, q_latent, latent, k_rope, cos, sin):
+        """Latents -> per-head ``query, key [s, b, n_local, nope+rope]`` and ``value [s_k, b,
+        n_local, v]`` (q-LoRA up projection with its norm and scale, RoPE on the query's rope
+        part, kv up projection, the shared rotated rope key appended to every head's key)."""
+        cfg = self.cfg
+        q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))        # [s, b, n*(nope+rope)]
+        s, b = q.shape[:2]
+        q = q.view(s, b, self.heads_local, cfg.qk_head_dim) * self.q_scale
+        q_nope, q_rope = torch.split(q, [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_rope = InterleavedRotary.rotate(q_rope, cos, sin)
+        query = torch.cat([q_nope, q_rope], dim=-1)
+        kv_up, _ = self.linear_kv_up_proj(latent)                       # [s_k, b, n*(nope+v)]
+        kv_up = kv_up.view(kv_up.shape[0], b, self.heads_local, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, value = torch.split(kv_up, [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_rope.expand(-1, -1, self.heads_local, -1)], dim=-1)
+        return query, key, value
+
+    def _attention(self, q, k, v, attention_mask):
+        """Core attention ``[s_q, b, heads, d] -> [s_q, b, heads·v]``: causal over the whole
+        sequence, or under context parallelism this rank's two query chunks over all keys."""
+        if context_parallel_size() > 1:
+            return self._chunked_attention(q, k, v, attention_mask)
+        s = q.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
-        if attention_mask is None:
-            s = q.shape[2]
-            mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-        else:
-            mask = attention_mask
-        scores = scores.masked_fill(mask, float("-inf"))
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v)                                      # [b, n, s, dv]
-        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+        out = self._attend(q, k, v, attention_mask)                        # [b, n, s, dv]
+        return out.permute(2, 0, 1, 3).reshape(s, out.shape[0], -1)
 
     def _chunked_attention(self, q, k, v, attention_mask):
         """Context-parallel attention: local queries ``[s_q, b, heads, d]`` (two sequence chunks)
-        over all keys ``[CP·s_q, b, ...]`` in global order, one fused SDPA call per chunk (no
-        ``s_q x s_k`` score tensor). Causal: chunk g sees keys ``[0, (g+1)·c)`` with the
-        bottom-right-aligned causal mask; a megatron mask ``[b, 1, s_q, s_k]`` (True = masked
-        out, split on its query dim only) replaces it when given."""
-        from torch.nn.attention.bias import causal_lower_right
-
+        over all keys ``[CP·s_q, b, ...]`` in global order, one call per chunk (no ``s_q x s_k``
+        score tensor with SDPA). Causal: chunk g sees keys ``[0, (g+1)·c)`` with the
+        bottom-right-aligned causal mask; a megatron mask ``[b, 1, s_q, s_k]`` (masked out: True,
+        or -inf when additive; split on its query dim only) replaces it when given."""
         s_q, s_k = q.shape[0], k.shape[0]
         if attention_mask is not None and tuple(attention_mask.shape[-2:]) != (s_q, s_k):
             raise ValueError(
@@ -201,13 +226,69 @@ class LongcatMLA(MegatronModule):
             rows = slice(half * chunk, (half + 1) * chunk)
             if attention_mask is None:
                 end = (g + 1) * chunk
-                out = F.scaled_dot_product_attention(
-                    q[:, :, rows], k[:, :, :end], v[:, :, :end],
-                    attn_mask=causal_lower_right(chunk, end), scale=self.softmax_scale)
+                outs.append(self._attend(q[:, :, rows], k[:, :, :end], v[:, :, :end], None))
             else:
-                out = F.scaled_dot_product_attention(
-                    q[:, :, rows], k, v, attn_mask=~attention_mask[..., rows, :],
-                    scale=self.softmax_scale)
-            outs.append(out)
+                outs.append(self._attend(q[:, :, rows], k, v, attention_mask[..., rows, :]))
         out = torch.cat(outs, dim=2)                                      # [b, n, s_q, dv]
         return out.permute(2, 0, 1, 3).reshape(s_q, out.shape[0], -1)
+
+    def _attend(self, q, k, v, mask):
+        """Softmax attention ``[b, n, s_q, d]`` x ``[b, n, s_k, d|dv] -> [b, n, s_q, dv]``.
+        ``mask`` None: causal, bottom-right aligned (``s_q <= s_k``; the plain causal mask when
+        equal); else a megatron mask (bool, True = masked out) or an additive float mask."""
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        if dropout > 0:
+            # Dropout draws from the model-parallel RNG stream (megatron's DotProductAttention),
+            # which activation recompute restores.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return attend(q, k, v, mask, self.softmax_scale, dropout, self.cfg.attention_backend)
+        return attend(q, k, v, mask, self.softmax_scale, 0.0, self.cfg.attention_backend)
+
+
+def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A megatron bool mask (True = masked out) as the additive float mask (0 / -inf) SDPA's fused
+    kernels take; float masks and None pass through. Convert once per forward and share it: SDPA
+    would otherwise convert (and keep for backward) a float copy in every attention call."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def attend(q, k, v, mask, scale: float, dropout: float = 0.0, backend: str = "sdpa"):
+    """Scaled softmax attention ``[b, n, s_q, d] x [b, n, s_k, d|dv] -> [b, n, s_q, dv]`` with the
+    given ``scale``; ``mask`` as in :meth:`LongcatMLA._attend`.
+
+    ``sdpa``: ``F.scaled_dot_product_attention``. Its fused kernels (flash on CPU and CUDA) want
+    equal q·k and v head dims and otherwise silently fall back to the math path that builds the
+    ``s x s`` scores; so the smaller side is zero-padded (v to the q·k dim for MLA; padding q and k
+    leaves every score unchanged) and the output sliced back. ``eager``: explicit fp32 scores and
+    softmax (the reference; memory quadratic in the sequence)."""
+    s_q, s_k = q.shape[-2], k.shape[-2]
+    if backend == "eager":
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if mask is None:
+            mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(s_k - s_q + 1)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(mask, float("-inf"))
+        else:
+            scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if dropout > 0:
+            probs = F.dropout(probs, p=dropout)
+        return torch.matmul(probs, v)
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    elif d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    kwargs = dict(scale=scale, dropout_p=dropout)
+    if mask is not None:
+        kwargs["attn_mask"] = ~mask if mask.dtype == torch.bool else mask
+    elif s_q == s_k:
+        kwargs["is_causal"] = True
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        kwargs["attn_mask"] = causal_lower_right(s_q, s_k)
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return out[..., :dv] if dv < d else out

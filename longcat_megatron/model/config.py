@@ -21,6 +21,9 @@ from longcat_megatron.errors import UserInputError
 from longcat_megatron.model.ngram_config import NgramConfig, check_ngram_rules
 
 
+ATTENTION_BACKENDS = ("sdpa", "eager")
+
+
 class ModelConfigError(UserInputError):
     """Invalid model hyper-parameters; the message names the field."""
 
@@ -45,6 +48,10 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # Core attention of arch longcat: "sdpa" (torch scaled_dot_product_attention: flash /
+    # memory-efficient / cuDNN kernels on CUDA, the flash kernel on CPU; no s x s score tensor) or
+    # "eager" (the reference: explicit fp32 scores and softmax, memory quadratic in s).
+    attention_backend: str = "sdpa"
     # MoE (gpt: megatron-core MoE on every layer; longcat: the FFN experts of the shortcut MoE).
     num_experts: Optional[int] = None
     moe_router_topk: int = 2
@@ -157,6 +164,9 @@ class ModelConfig:
             need(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
         need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number")
+        need(self.attention_backend in ATTENTION_BACKENDS,
+             f"model.attention_backend={self.attention_backend!r}: use "
+             + " or ".join(ATTENTION_BACKENDS))
         need(self.rope_type in ("rope", "yarn"), f"model.rope_type={self.rope_type!r}: use rope or yarn")
         if self.rope_type == "yarn":
             need(self.yarn_factor >= 1.0, f"model.yarn_factor={self.yarn_factor} must be >= 1")

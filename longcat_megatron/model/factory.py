@@ -30,11 +30,14 @@ def transformer_config(
     sequence_parallel: bool = False,
     virtual_pipeline: Optional[int] = None,
     bf16: bool = False,
+    recompute: str = "none",
+    recompute_num_layers: Optional[int] = None,
 ):
     """megatron-core TransformerConfig for ``cfg`` with CPU-safe kernel choices (no fusions).
 
     The fused kernels are GPU-only optimisations; on CUDA with TransformerEngine they can be enabled
-    later without changing numerics beyond rounding.
+    later without changing numerics beyond rounding. ``recompute`` / ``recompute_num_layers`` are
+    ``train.recompute`` / ``train.recompute_num_layers`` (see :func:`recompute_fields`).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -86,7 +89,39 @@ def transformer_config(
             # only with this set.
             moe_grouped_gemm=cfg.arch == "longcat" and cfg.expert_impl != "sequential",
         )
-    return TransformerConfig(**kwargs)
+    fields = recompute_fields(cfg, recompute, recompute_num_layers,
+                              layers_per_chunk=max(1, cfg.num_layers // (pipeline * (virtual_pipeline or 1))))
+    if cfg.arch == "gpt" or recompute != "selective":
+        kwargs.update(fields)
+    tf = TransformerConfig(**kwargs)
+    if cfg.arch == "longcat" and recompute == "selective":
+        # Set after construction: megatron's checks of these modules concern its own MLA and
+        # GroupedMLP (multi_latent_attention / moe_grouped_gemm), not LongCat's modules.
+        for name, value in fields.items():
+            setattr(tf, name, value)
+    return tf
+
+
+# What ``train.recompute: selective`` recomputes in LongCat (docs/model.md, "Activation recompute"):
+# the core attention and the MLA up projections (model/attention.py), the expert activation.
+LONGCAT_SELECTIVE_MODULES = ["core_attn", "mla_up_proj", "moe_act"]
+
+
+def recompute_fields(cfg: ModelConfig, recompute: str, num_layers: Optional[int],
+                     layers_per_chunk: int) -> dict:
+    """megatron TransformerConfig fields for ``train.recompute``: "none"; "selective" (megatron's
+    selective granularity, ``recompute_modules`` = :data:`LONGCAT_SELECTIVE_MODULES` for LongCat,
+    ``core_attn`` for GPT); "full" (each layer recomputed from its input, megatron's "block"
+    method: the first ``num_layers`` layers of every pipeline chunk, all when None)."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        modules = LONGCAT_SELECTIVE_MODULES if cfg.arch == "longcat" else ["core_attn"]
+        return dict(recompute_granularity="selective", recompute_modules=list(modules))
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="block",
+                    recompute_num_layers=min(num_layers or layers_per_chunk, layers_per_chunk))
+    raise ValueError(f"train.recompute={recompute!r}: use none, selective or full")
 
 
 def build_gpt_chunk(cfg: ModelConfig, tf_config, *, pre_process: bool, post_process: bool,

@@ -13,6 +13,11 @@ attention), or with ``model.ngram`` the vocab-sharded ``NgramEmbedding`` (LongCa
 to ``[s, b, H]`` (sequence shards under SP). The n-gram hash resets after ``ngram.eos_token_id``
 (documents packed by the data tools end with EOS). The MTP head keeps its own plain embedding
 (HF ``model.mtp.embed_tokens``), as in the released checkpoints.
+
+Full activation recompute (``train.recompute: full``): ``LongcatBlock`` runs each of the first
+``recompute_num_layers`` shortcut layers of the chunk through megatron's ``tensor_parallel.checkpoint``
+(RNG states restored, so dropout matches). With the "sdpa" attention backend a dense attention mask
+is turned into one additive float mask per forward, shared by every layer.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from longcat_megatron.model import aux_losses
-from longcat_megatron.model.attention import context_parallel_size, cp_global_positions
+from longcat_megatron.model.attention import (
+    additive_mask,
+    context_parallel_size,
+    cp_global_positions,
+)
 from longcat_megatron.model.config import ModelConfig, ModelConfigError
 from longcat_megatron.model.layer import ShortcutLayer, layer_norm
 from longcat_megatron.model.mtp import MTPHead, shift_left
@@ -48,6 +57,15 @@ class LayersByGlobalIndex(torch.nn.ModuleDict):
         return iter(self.values())
 
 
+def _run_layer(layer):
+    """``layer`` as a function of tensors only (what ``tensor_parallel.checkpoint`` takes)."""
+
+    def run(x, cos, sin, attention_mask):
+        return layer(x, (cos, sin), attention_mask)
+
+    return run
+
+
 class LongcatBlock(MegatronModule):
     """The shortcut layers of one pipeline chunk, keyed by their global index."""
 
@@ -60,9 +78,28 @@ class LongcatBlock(MegatronModule):
         self.input_tensor = None
 
     def forward(self, x, rotary, attention_mask=None):
-        for layer in self.layers.values():
-            x = layer(x, rotary, attention_mask)
+        recompute = self._layers_to_recompute()
+        cos, sin = rotary
+        for i, layer in enumerate(self.layers.values()):
+            if i < recompute:
+                # Full recompute: keep only the layer input; megatron's checkpoint restores the
+                # CPU/CUDA and model-parallel RNG states, so dropout draws the same masks again.
+                x = tensor_parallel.checkpoint(
+                    _run_layer(layer), self.config.distribute_saved_activations, x, cos, sin,
+                    attention_mask)
+            else:
+                x = layer(x, rotary, attention_mask)
         return x
+
+    def _layers_to_recompute(self) -> int:
+        """How many of this chunk's first layers run under full recompute (megatron's "block"
+        method: ``recompute_num_layers`` per pipeline chunk, all of them when unset)."""
+        config = self.config
+        if config.recompute_granularity != "full" or not (self.training and torch.is_grad_enabled()):
+            return 0
+        if config.recompute_num_layers is None:
+            return len(self.layers)
+        return min(config.recompute_num_layers, len(self.layers))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         out = {}
@@ -131,6 +168,9 @@ class LongcatModel(LanguageModule):
         else:
             hidden = self.decoder.input_tensor
         rotary = self._rotary(position_ids, hidden)
+        if self.cfg.attention_backend == "sdpa":
+            # One additive float mask shared by every attention (SDPA would convert per call).
+            attention_mask = additive_mask(attention_mask, hidden.dtype)
         hidden = self.decoder(hidden, rotary, attention_mask)
         if not self.post_process:
             return hidden

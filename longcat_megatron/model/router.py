@@ -16,12 +16,19 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from longcat_megatron.model import aux_losses
 from longcat_megatron.model.budget_controller import BudgetController
 from longcat_megatron.model.config import ModelConfig
 from longcat_megatron.model.parallel_info import sequence_parallel_size
+
+
+def recomputing() -> bool:
+    """Whether this forward is activation recompute's second run (inside megatron's checkpoint
+    backward): the step statistics were already counted by the first run."""
+    return tensor_parallel.random.is_checkpointing() and torch.is_grad_enabled()
 
 
 @dataclass
@@ -81,7 +88,7 @@ class ZeroExpertRouter(MegatronModule):
             zero_weight=dense[:, self.num_ffn:].sum(-1),
         )
         picks = pick_map.sum(0).double()
-        if self.training:
+        if self.training and not recomputing():
             with torch.no_grad():
                 self.step_picks += picks
                 self.step_tokens += tokens.shape[0]

@@ -23,6 +23,8 @@ def build_transformer_config(cfg: RunConfig, layout: Layout):
         sequence_parallel=cfg.parallel.sequence_parallel,
         virtual_pipeline=layout.virtual_pipeline,
         bf16=cfg.optimizer.bf16,
+        recompute=cfg.train.recompute,
+        recompute_num_layers=cfg.train.recompute_num_layers,
     )
     # Loss = sum over tokens / tokens in the global batch: identical for any DP/microbatch split.
     tf.calculate_per_token_loss = True

@@ -1,0 +1,165 @@
+"""Attention backends of the LongCat MLA: ``sdpa`` (torch's fused kernels) == ``eager`` (explicit fp32
+scores) on logits and every gradient (max error / max reference value; fp32, 1e-6), in one process
+and at CP=2; and SDPA
+really avoids the ``s x s`` score tensor (MLA's q·k head dim differs from its v head dim, which
+would send torch to the math fallback if v were not padded).
+"""
+
+import pytest
+
+from tests.harness import run_distributed
+from tests.longcat_tiny import YARN, tiny_config
+
+SEQ, BATCH, EOS = 16, 2, 2
+AUX = dict(mtp_num_layers=1, z_loss_coeff=1e-3)
+
+
+def _batch(doc_mask: bool):
+    """Tokens (EOS inside), labels, position ids and, with ``doc_mask``, a document mask."""
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 96, (BATCH, SEQ + 1), generator=g)
+    ids[torch.rand(BATCH, SEQ + 1, generator=g) < 0.15] = EOS
+    tokens, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    batch = {"tokens": tokens, "labels": labels,
+             "position_ids": torch.arange(SEQ)[None].expand(BATCH, -1).contiguous(),
+             "attention_mask": None}
+    if doc_mask:
+        doc = torch.zeros(BATCH, SEQ, dtype=torch.long)
+        doc[:, 1:] = (tokens[:, :-1] == EOS).long().cumsum(1)
+        allowed = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()[None] & (doc[:, :, None] == doc[:, None, :])
+        batch["attention_mask"] = (~allowed)[:, None]                  # [b, 1, s, s], True = masked
+    return batch
+
+
+def _logits_and_grads(model, batch):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"]).clone()
+    model.train()
+    model.zero_grad()
+    loss = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                 labels=batch["labels"])
+    loss.float().sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    for _, router in model.routers():   # no controller step between the two backends
+        router.step_picks.zero_()
+        router.step_tokens.zero_()
+        router.step_entropy.zero_()
+    return logits, grads
+
+
+def _compare_backends(context: int, cases: list):
+    """Worst relative difference (logits, any gradient) of sdpa vs eager on the same weights."""
+    import torch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from longcat_megatron import runtime
+    from longcat_megatron.model.factory import transformer_config
+    from longcat_megatron.model.longcat import build_longcat_chunk
+
+    runtime.initialize(context=context, seed=13)
+    out = {}
+    for name, overrides, doc_mask in cases:
+        cfg = tiny_config(**overrides, attention_backend="eager")
+        model = build_longcat_chunk(cfg, transformer_config(cfg, context=context),
+                                    pre_process=True, post_process=True)
+        batch = _batch(doc_mask)
+        if context > 1:
+            batch = get_batch_on_this_cp_rank(batch)
+        ref_logits, ref_grads = _logits_and_grads(model, batch)
+        cfg.attention_backend = "sdpa"    # every module reads the shared ModelConfig
+        logits, grads = _logits_and_grads(model, batch)
+        assert set(grads) == set(ref_grads) and len(grads) > 20
+        # Every gradient's max error relative to the gradient scale (the largest reference
+        # gradient), as in the parallel-parity tests; per tensor, the router weights (fp32
+        # softmax routing) reach 2e-6 of their own maximum, the kernels summing in another order.
+        scale = max(float(g.abs().max()) for g in ref_grads.values())
+        worst_grad = max(float((grads[k] - g).abs().max()) for k, g in ref_grads.items()) / scale
+        out[name] = (float((logits - ref_logits).abs().max() / ref_logits.abs().max()), worst_grad)
+    return out
+
+
+CASES = [("plain_mtp", AUX, False), ("yarn_docmask_mtp", {**AUX, **YARN}, True)]
+PROBE_SEQ = 256
+
+
+def _all_checks():
+    """Everything in one pair of processes (start-up dominates): CP=2, then CP=1 (each rank
+    alone on the whole sequence), then the score-matrix probe."""
+    return {"cp2": _compare_backends(2, CASES), "cp1": _compare_backends(1, CASES),
+            "probe": _largest_attention_tensors(PROBE_SEQ)}
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return run_distributed(_all_checks, 2)
+
+
+@pytest.mark.parametrize("context", [1, 2], ids=["cp1", "cp2"])
+def test_sdpa_equals_eager(checks, context):
+    for rank, result in enumerate(checks):
+        for name, (logits, grads) in result[f"cp{context}"].items():
+            print(f"cp={context} rank {rank} {name}: logits {logits:.1e}, worst gradient {grads:.1e}")
+            assert logits < 1e-6 and grads < 1e-6, (name, logits, grads)
+
+
+def _largest_attention_tensors(seq: int):
+    """Per backend: largest tensor (elements) any op creates in one MLA block's fwd + bwd."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longcat_megatron import runtime
+    from longcat_megatron.model.attention import LongcatMLA
+    from longcat_megatron.model.factory import transformer_config
+    from longcat_megatron.model.rotary import InterleavedRotary
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel, self.op = 0, None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                    self.numel, self.op = t.numel(), str(func)
+            return result
+
+    runtime.initialize(seed=3)   # (no process group used below)
+    cfg = tiny_config()
+    mla = LongcatMLA(cfg, transformer_config(cfg)).train()
+    x = torch.randn(seq, 1, cfg.hidden_size, requires_grad=True)
+    rotary = InterleavedRotary(cfg).angles(torch.arange(seq)[None], x.dtype)
+    out = {}
+    for backend in ("sdpa", "eager"):
+        cfg.attention_backend = backend
+        probe = Largest()
+        with probe:
+            mla(x, rotary).sum().backward()
+        out[backend] = (probe.numel, probe.op)
+    return out, cfg.num_attention_heads
+
+
+def test_sdpa_builds_no_score_matrix(checks):
+    seq = PROBE_SEQ
+    largest, heads = checks[0]["probe"]
+    (sdpa, sdpa_op), (eager, _) = largest["sdpa"], largest["eager"]
+    print(f"largest tensor at s={seq}: sdpa {sdpa} ({sdpa_op}), eager {eager}, s*s = {seq * seq}")
+    assert eager >= heads * seq * seq          # the probe sees a score matrix when there is one
+    assert sdpa < seq * seq, sdpa_op
+
+
+def test_backend_and_recompute_fields_are_validated():
+    from longcat_megatron.config import ConfigError, load_config
+    from longcat_megatron.model.config import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="model.attention_backend='flash'"):
+        tiny_config(attention_backend="flash").validate()
+    with pytest.raises(ConfigError, match="train.recompute='some'"):
+        load_config(overrides=["train.recompute=some"])
+    with pytest.raises(ConfigError, match="train.recompute_num_layers=1 needs train.recompute=full"):
+        load_config(overrides=["train.recompute=selective", "train.recompute_num_layers=1"])
