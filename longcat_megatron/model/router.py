@@ -18,9 +18,11 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.module import MegatronModule
 
+from longcat_megatron import collectives
 from longcat_megatron.model import aux_losses
 from longcat_megatron.model.budget_controller import BudgetController
 from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.full_precision import KeepsFullPrecision
 from longcat_megatron.model.parallel_info import sequence_parallel_size
 
 
@@ -34,8 +36,13 @@ class Routing:
     aux_loss: Optional[torch.Tensor] = None
 
 
-class ZeroExpertRouter(MegatronModule):
-    """``route(x [s, b, H]) -> Routing``; also satisfies megatron's router interface."""
+class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
+    """``route(x [s, b, H]) -> Routing``; also satisfies megatron's router interface.
+
+    Its weight (fp32 in the released model), expert bias and step statistics keep their dtype under
+    bf16 (:mod:`longcat_megatron.model.full_precision`); logits and softmax are computed in fp32."""
+
+    full_precision_names = ("weight", "expert_bias", "step_picks", "step_tokens", "step_entropy")
 
     def __init__(self, cfg: ModelConfig, tf_config, layer_number: int = 0):
         super().__init__(config=tf_config)
@@ -96,7 +103,7 @@ class ZeroExpertRouter(MegatronModule):
         global_tokens = float(scores.shape[0] * sp)
         if sp > 1:
             picks = picks.clone()
-            torch.distributed.all_reduce(picks, group=ps.get_tensor_model_parallel_group())
+            collectives.all_reduce(picks, group=ps.get_tensor_model_parallel_group())
         loss = aux_losses.device_load_balance_loss(
             scores, picks, num_ffn=self.num_ffn, groups=self.cfg.device_lb_groups,
             topk=self.topk, target=float(self.cfg.budget_target_ffn_experts),
@@ -110,7 +117,7 @@ class ZeroExpertRouter(MegatronModule):
         controller is on), reset the statistics; returns this layer's metrics."""
         stats = torch.cat([self.step_picks, self.step_tokens[None], self.step_entropy[None]])
         if ps.model_parallel_is_initialized() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(
+            collectives.all_reduce(
                 stats, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
         picks, tokens, entropy = stats[: self.num_total], float(stats[-2]), float(stats[-1])
         self.step_picks.zero_()
