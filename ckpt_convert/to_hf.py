@@ -60,6 +60,10 @@ def load_model_config(iter_dir: str):
     return cfg
 
 
+# Router tensors exported in fp32 for any --dtype (the released model's dtype for them).
+ROUTER_FP32 = re.compile(r"\.mlp\.router\.(classifier\.weight|e_score_correction_bias)$")
+
+
 def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype],
                 zero_expert_weights: bool) -> list[ExportItem]:
     """Every HF tensor to write, with its shape/dtype and a function that reads it (lazily)."""
@@ -90,6 +94,11 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
             items.append(ExportItem(
                 TensorSpec(rule.hf[0], (rule.rows, *shape[1:]), out_dtype(info.dtype)),
                 lambda f=rule.full, s=rule.row_start, n=rule.rows: cast(locator.read_rows(f, s, n))))
+        elif ROUTER_FP32.search(rule.hf[0]):
+            # HF keeps the router in fp32 (``_keep_in_fp32_modules``; the fp8 releases too), whatever
+            # the training dtype (a bf16 run holds the classifier's fp32 master copy in the optimizer).
+            items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), torch.float32),
+                                    lambda f=rule.full: locator.read(f).float()))
         else:
             items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), out_dtype(info.dtype)),
                                     lambda f=rule.full: cast(locator.read(f))))

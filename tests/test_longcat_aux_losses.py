@@ -9,13 +9,20 @@ from longcat_megatron.model.aux_losses import device_load_balance_loss, hidden_z
 
 def test_hidden_z_loss_formula():
     h = torch.randn(5, 3, 7)
-    want = 0.0
-    for t in h.reshape(-1, 7):
-        want += math.log(sum(math.exp(abs(float(v))) for v in t)) ** 2
-    want = 1e-3 * want / 15
-    assert math.isclose(float(hidden_z_loss(h, 1e-3, 1.0)), want, rel_tol=1e-5)
-    # A sequence shard of 1/2 of the tokens contributes half of its own mean.
-    assert math.isclose(float(hidden_z_loss(h, 1e-3, 0.5)), want / 2, rel_tol=1e-5)
+    mask = torch.ones(5, 3)
+    mask[3:, 1] = 0.0                      # SFT-style padding at the end of sequence 1
+    want, count = 0.0, 0
+    for t, m in zip(h.reshape(-1, 7), mask.reshape(-1)):
+        if m:
+            want += math.log(sum(math.exp(abs(float(v))) for v in t)) ** 2
+            count += 1
+    z_sum, tokens = hidden_z_loss(h, 1e-3, mask)
+    assert int(tokens) == count == 13
+    assert math.isclose(float(z_sum), 1e-3 * want, rel_tol=1e-5)
+    # Padding values do not matter.
+    h2 = h.clone()
+    h2[3:, 1] = 100.0
+    assert torch.equal(hidden_z_loss(h2, 1e-3, mask)[0], z_sum)
 
 
 def test_device_load_balance_loss_formula():

@@ -39,10 +39,13 @@ class Routing:
 class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
     """``route(x [s, b, H]) -> Routing``; also satisfies megatron's router interface.
 
-    Its weight (fp32 in the released model), expert bias and step statistics keep their dtype under
-    bf16 (:mod:`longcat_megatron.model.full_precision`); logits and softmax are computed in fp32."""
+    Its expert bias and step statistics keep their dtype under bf16
+    (:mod:`longcat_megatron.model.full_precision`); logits and softmax are computed in fp32. The
+    weight follows the model's parameter dtype (under bf16 the optimizer holds its fp32 master copy;
+    megatron's distributed optimizer takes one parameter dtype per buffer) and is exported in fp32,
+    the dtype of the released ``classifier.weight``."""
 
-    full_precision_names = ("weight", "expert_bias", "step_picks", "step_tokens", "step_entropy")
+    full_precision_names = ("expert_bias", "step_picks", "step_tokens", "step_entropy")
 
     def __init__(self, cfg: ModelConfig, tf_config, layer_number: int = 0):
         super().__init__(config=tf_config)
@@ -88,7 +91,7 @@ class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
             zero_weight=dense[:, self.num_ffn:].sum(-1),
         )
         picks = pick_map.sum(0).double()
-        if self.training:
+        if self.training and not _recomputing():
             with torch.no_grad():
                 self.step_picks += picks
                 self.step_tokens += tokens.shape[0]
@@ -113,12 +116,16 @@ class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
 
     @torch.no_grad()
     def end_step(self) -> dict:
-        """All-reduce this step's statistics over DP x CP x TP, update the FFN bias (if the
+        """Sum this step's statistics (every micro-batch of the optimizer step, every DP x CP rank,
+        and the TP ranks' sequence shards under SP: each token once), update the FFN bias (if the
         controller is on), reset the statistics; returns this layer's metrics."""
         stats = torch.cat([self.step_picks, self.step_tokens[None], self.step_entropy[None]])
         if ps.model_parallel_is_initialized() and torch.distributed.is_initialized():
-            collectives.all_reduce(
-                stats, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+            # Without SP every TP rank routes the same tokens: count them on one TP rank's group.
+            group = (ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+                     if sequence_parallel_size(self.config) > 1
+                     else ps.get_data_parallel_group(with_context_parallel=True))
+            collectives.all_reduce(stats, group=group)
         picks, tokens, entropy = stats[: self.num_total], float(stats[-2]), float(stats[-1])
         self.step_picks.zero_()
         self.step_tokens.zero_()
@@ -135,3 +142,9 @@ class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
             "load_max_over_mean": float(ffn.max() / mean_load),
             "router_entropy": entropy / tokens,
         }
+
+
+def _recomputing() -> bool:
+    """True inside the backward pass, where activation recomputation re-runs forwards: the step's
+    statistics count each routed token once (in the first forward)."""
+    return torch._C._current_graph_task_id() != -1
