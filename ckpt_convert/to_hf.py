@@ -119,6 +119,14 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
     return items
 
 
+def auxiliary_tensors(cfg, items: list[ExportItem]) -> set[str]:
+    """HF names written to model-auxiliary.safetensors: LongCat-Flash-Lite (N-gram) keeps its MTP
+    tensors there in the released layout; plain LongCat-Flash keeps them in the main shards."""
+    if getattr(cfg, "ngram", None) is None:
+        return set()
+    return {i.spec.name for i in items if i.spec.name.startswith("model.mtp.")}
+
+
 def _check_shapes(items: list[ExportItem], cfg, path: str) -> None:
     """The shapes the HF config will promise == the shapes found in the checkpoint."""
     want = {
@@ -162,6 +170,9 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
     if dtype != "auto" and cast is None:
         raise ConversionError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32")
     items = plan_export(locator, cfg, dtype=cast, zero_expert_weights=zero_expert_weights)
+    auxiliary = auxiliary_tensors(cfg, items)
+    items = [i for i in items if i.spec.name not in auxiliary] + [
+        i for i in items if i.spec.name in auxiliary]
     total = sum(i.spec.nbytes for i in items)
     first_float = next(i.spec.dtype for i in items if i.spec.dtype.is_floating_point)
     dtype_name = str(first_float).replace("torch.", "")
@@ -169,7 +180,8 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="to_hf",
                    disable=not progress, file=sys.stderr)
-        writer = ShardedSafetensorsWriter(tmp, [i.spec for i in items], parse_size(max_shard_size), bar)
+        writer = ShardedSafetensorsWriter(tmp, [i.spec for i in items], parse_size(max_shard_size), bar,
+                                          auxiliary=auxiliary)
         try:
             for item in items:
                 writer.write(item.spec.name, item.produce())

@@ -342,6 +342,15 @@ def test_roundtrip_is_bitwise_from_any_saved_layout(tmp_path, tp, pp, ep, world,
     ckpt, hf_dir, back = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "back")
     run_distributed(_train_longcat_at, world, ckpt, tp, pp, ep, ngram)
     run_distributed(_export, 1, ckpt, hf_dir, "5GB")
+    if ngram:   # Lite's released layout: MTP tensors in model-auxiliary.safetensors, outside the index
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(hf_dir, "model-auxiliary.safetensors"), "pt") as f:
+            aux = set(f.keys())
+        index = json.load(open(os.path.join(hf_dir, "model.safetensors.index.json")))["weight_map"]
+        assert aux and all(k.startswith("model.mtp.") for k in aux)
+        assert "model.mtp.layers.0.eh_proj.weight" in aux
+        assert not [k for k in index if k.startswith("model.mtp.")]
     convert(hf_dir, back, tp=tp, pp=pp, ep=ep, model_overrides=TRAINING_ONLY, progress=False)
     original, again = _model_tensors(ckpt), _model_tensors(back)
     assert set(original) == set(again) and len(original) > 10
