@@ -1,11 +1,14 @@
 """bf16 leaves the router's state alone (issue: Float16Module cast the expert bias, the pick counts,
 the controller's errors and the fp32 router weight to bf16, so counts stopped being integers and the
 controller stalled). One 2-process gloo job (DP=2, 2 micro-batches per rank, tiny LongCat with zero
-experts and the budget controller) trains bf16 20 steps straight, bf16 10 + resume 10, and fp32 20;
+experts and the budget controller) trains bf16 20 steps straight (saving at 10 and 20), resumes bf16
+from iteration 10 to 20, and trains fp32 20;
 the collective audit of tests/test_collectives.py watches the bf16 run.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -56,26 +59,32 @@ def _weights(result) -> dict:
 
 def _job(ckpt: str):
     from longcat_megatron import runtime
+    from longcat_megatron.training.checkpointing import TRACKER
     from longcat_megatron.training.setup import unwrap
 
     runtime.initialize()
     trace: dict = {}
     records = install_collective_audit()
-    straight = _train(["optimizer.bf16=true"], trace)
+    saving = ["optimizer.bf16=true", f"checkpoint.save={ckpt}", "checkpoint.save_interval=10"]
+    straight = _train(saving, trace)
     model = unwrap(straight.model_chunks[0])
     dtypes = {}
     for name, router in model.routers():
         for key, t in list(router.named_parameters()) + list(router.named_buffers()):
             dtypes[f"layer{name}.{key}"] = t.dtype
     some_linear = model.decoder.layers["0"].mlps_0.linear_fc1.weight.dtype
-    first = _train(["optimizer.bf16=true", f"checkpoint.save={ckpt}", "train.exit_interval=10"])
-    resumed = _train(["optimizer.bf16=true", f"checkpoint.save={ckpt}"])
+    # Move the commit point back to iteration 10: the next run resumes there and redoes 11..20.
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(ckpt, TRACKER), "w") as f:
+            f.write("10\n")
+    torch.distributed.barrier()
+    resumed = _train(saving)
     fp32 = _train([])
     check_collective_audit(records, str(runtime.device()))
     return {
         "dtypes": dtypes, "linear_dtype": some_linear, "trace": trace,
         "losses": straight.losses, "weights": _weights(straight),
-        "resumed_losses": {**first.losses, **resumed.losses}, "resumed_from": resumed.resumed_from,
+        "resumed_losses": resumed.losses, "resumed_from": resumed.resumed_from,
         "resumed_weights": _weights(resumed), "fp32_losses": fp32.losses,
     }
 
@@ -84,7 +93,7 @@ def test_bf16_router_state_counts_trajectory_resume_and_loss(tmp_path):
     from longcat_megatron.model.budget_controller import BudgetController
     from longcat_megatron.model.config import ModelConfig
 
-    out = run_distributed(_job, 2, str(tmp_path / "ckpt"), timeout=240)
+    out = run_distributed(_job, 2, str(tmp_path / "ckpt"), timeout=480)
     r = out[0]
     # Wrapping cast the model to bf16 but not the router/controller state.
     assert r["linear_dtype"] == torch.bfloat16
@@ -114,7 +123,7 @@ def test_bf16_router_state_counts_trajectory_resume_and_loss(tmp_path):
         assert float(bias.abs().max()) > 0
     # bf16 resume is bitwise.
     assert r["resumed_from"] == 10
-    assert r["resumed_losses"] == r["losses"]
+    assert r["resumed_losses"] == {i: r["losses"][i] for i in range(11, 21)}
     for k, v in r["weights"].items():
         assert torch.equal(v, r["resumed_weights"][k]), k
     # bf16 tracks fp32.
