@@ -5,7 +5,7 @@ The rule (docs/architecture.md, "Rules that hold everywhere"): a tensor handed t
 megatron group of a GPU run) take only CUDA tensors, so a flag built on the CPU must move to
 :func:`longcat_megatron.runtime.device` first; gloo groups take CPU tensors. Project code therefore
 sends stop flags, loss sums, routing counts and similar small statistics through :func:`all_reduce`
-(or :func:`any_rank` / :func:`sum_values`), which places the tensor for the group and hands the
+(or :func:`any_rank`), which places the tensor for the group and hands the
 result back where the caller keeps it. Python objects (pickled collectives) go through
 :func:`cpu_group`, a gloo group over all ranks created once beside the NCCL groups by
 :func:`longcat_megatron.runtime.init_distributed` (as megatron does for its gloo groups).
@@ -15,7 +15,7 @@ model tensors, which live on ``runtime.device()``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -78,12 +78,6 @@ def any_rank(flag: bool, group=None) -> bool:
     """True on every rank if ``flag`` is true on any rank of ``group``."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     return bool(all_reduce(t, dist.ReduceOp.MAX, group).item())
-
-
-def sum_values(values: Sequence[float], group=None) -> list[float]:
-    """Element-wise float64 sum of ``values`` over ``group`` (the same list on every rank)."""
-    t = torch.tensor(list(values), dtype=torch.float64)
-    return all_reduce(t, dist.ReduceOp.SUM, group).tolist()
 
 
 def all_gather_object(obj: Any) -> list:

@@ -69,13 +69,15 @@ def _fake_nccl_sites():
         for mod, name, value in saved:
             setattr(mod, name, value)
     object_groups = []
-    original = dist.all_gather_object
+    originals = dist.all_gather_object, dist.broadcast_object_list
     try:
         dist.all_gather_object = lambda out, obj, group=None: object_groups.append(group)
+        dist.broadcast_object_list = lambda box, src=0, group=None: object_groups.append(group)
         collectives.all_gather_object({"a": 1})
+        collectives.broadcast_object({"a": 1})
     finally:
-        dist.all_gather_object = original
-    return {k: str(v) for k, v in seen.items()}, object_groups == [collectives.cpu_group()]
+        dist.all_gather_object, dist.broadcast_object_list = originals
+    return {k: str(v) for k, v in seen.items()}, object_groups == [collectives.cpu_group()] * 2
 
 
 def test_control_plane_tensors_reach_the_accelerator_under_fake_nccl():
