@@ -14,17 +14,17 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
-
-from tests.harness import run_distributed
 
 
 class _Reached(Exception):
     """The fake collective was reached (and has recorded what it got)."""
 
 
-def _fake_nccl_sites():
+def test_control_plane_tensors_reach_the_accelerator_under_fake_nccl(monkeypatch):
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from longcat_megatron import collectives, runtime
     from longcat_megatron.model.config import ModelConfig
@@ -33,58 +33,46 @@ def _fake_nccl_sites():
     from longcat_megatron.training import loop
     from longcat_megatron.training.signals import StopRequest
 
-    runtime.initialize()
-    assert collectives.cpu_group() is dist.GroupMember.WORLD      # under gloo: the default group
     cfg = ModelConfig(arch="longcat", hidden_size=16, num_attention_heads=2, num_experts=4,
                       zero_expert_num=2, moe_router_topk=2, budget_target_ffn_experts=1.0)
     router = ZeroExpertRouter(cfg, transformer_config(cfg)).train()
     router.route(torch.randn(4, 1, 16))
 
-    seen: dict[str, torch.device] = {}
+    seen: dict[str, str] = {}
     site = ["?"]
 
     def fake_all_reduce(tensor, op=None, group=None, async_op=False):
-        seen[site[0]] = tensor.device
+        seen[site[0]] = str(tensor.device)
         raise _Reached
 
-    patches = [(dist, "get_backend", lambda group=None: "nccl"),
-               (runtime, "device", lambda: torch.device("meta")),
-               (dist, "all_reduce", fake_all_reduce)]
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    # A one-rank "NCCL" world whose accelerator is the meta device (megatron's groups faked too).
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(runtime, "device", lambda: torch.device("meta"))
+    monkeypatch.setattr(ps, "model_parallel_is_initialized", lambda: True)
+    monkeypatch.setattr(ps, "get_data_parallel_group", lambda **kw: "dp-group")
+    monkeypatch.setattr(ps, "get_tensor_and_data_parallel_group", lambda **kw: "tp-dp-group")
     calls = {
         "StopRequest.agreed": lambda: StopRequest(handle_signals=False).agreed(),
         "loop._global_loss": lambda: loop._global_loss([{"lm loss": torch.tensor([3.0, 2.0])}]),
         "router.end_step": router.end_step,
     }
-    try:
-        for mod, name, value in patches:
-            setattr(mod, name, value)
-        for name, call in calls.items():
-            site[0] = name
-            try:
-                call()
-            except _Reached:
-                pass
-    finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
-    object_groups = []
-    originals = dist.all_gather_object, dist.broadcast_object_list
-    try:
-        dist.all_gather_object = lambda out, obj, group=None: object_groups.append(group)
-        dist.broadcast_object_list = lambda box, src=0, group=None: object_groups.append(group)
-        collectives.all_gather_object({"a": 1})
-        collectives.broadcast_object({"a": 1})
-    finally:
-        dist.all_gather_object, dist.broadcast_object_list = originals
-    return {k: str(v) for k, v in seen.items()}, object_groups == [collectives.cpu_group()] * 2
+    for name, call in calls.items():
+        site[0] = name
+        with pytest.raises(_Reached):
+            call()
+    assert seen == dict.fromkeys(calls, "meta"), seen
 
-
-def test_control_plane_tensors_reach_the_accelerator_under_fake_nccl():
-    seen, objects_on_gloo = run_distributed(_fake_nccl_sites, 1)[0]
-    assert seen == {"StopRequest.agreed": "meta", "loop._global_loss": "meta",
-                    "router.end_step": "meta"}, seen
-    assert objects_on_gloo
+    # Object collectives go to the gloo group.
+    groups = []
+    monkeypatch.setattr(collectives, "_CPU_GROUP", "gloo-group")
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: groups.append(group))
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src=0, group=None: groups.append(group))
+    collectives.all_gather_object({"a": 1})
+    collectives.broadcast_object({"a": 1})
+    assert groups == ["gloo-group", "gloo-group"]
 
 
 # ---- audit of a real training run (installed by tests/test_bf16_router.py's 2-process run) -----
