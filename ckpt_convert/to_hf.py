@@ -96,7 +96,7 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
                 lambda f=rule.full, s=rule.row_start, n=rule.rows: cast(locator.read_rows(f, s, n))))
         elif ROUTER_FP32.search(rule.hf[0]):
             # HF keeps the router in fp32 (``_keep_in_fp32_modules``; the fp8 releases too), whatever
-            # the training dtype (a bf16 run holds the classifier's fp32 master copy in the optimizer).
+            # --dtype asks for (checkpoints from before bf16 kept it in fp32 may hold it in bf16).
             items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), torch.float32),
                                     lambda f=rule.full: locator.read(f).float()))
         else:

@@ -21,7 +21,7 @@ BASE = ["parallel.tensor=1", "parallel.sequence_parallel=false", "model.mtp_num_
         f"data.seq_length={SEQ}", "train.micro_batch_size=2", f"train.global_batch_size={GBS}",
         "train.train_iters=20", "schedule.warmup_iters=3", "parallel.distributed_optimizer=true"]
 # bf16 and fp32 runs start from the same weights; bf16 rounding of activations moves the loss by
-# a few 1e-3 over 20 steps at this size (measured: max |diff| 5.1e-3): 2e-2 leaves headroom
+# ~1e-3 over 20 steps at this size (measured: max |diff| 1.8e-3): 2e-2 leaves headroom
 # while a broken bf16 path (e.g. a stalled router or a wrong loss scale) is far outside it.
 LOSS_TOLERANCE = 2e-2
 
@@ -97,10 +97,9 @@ def test_bf16_router_state_counts_trajectory_resume_and_loss(tmp_path):
     r = out[0]
     # Wrapping cast the model to bf16 but not the router/controller state.
     assert r["linear_dtype"] == torch.bfloat16
-    buffers = {k: v for k, v in r["dtypes"].items() if not k.endswith(".weight")}
-    assert buffers and all(dt in (torch.float32, torch.float64, torch.int64)
-                           for dt in buffers.values()), buffers
-    assert r["dtypes"]["layer0.weight"] == torch.bfloat16   # fp32 master copy in the optimizer
+    assert r["dtypes"] and all(dt in (torch.float32, torch.float64, torch.int64)
+                               for dt in r["dtypes"].values()), r["dtypes"]
+    assert r["dtypes"]["layer0.weight"] == torch.float32
     assert r["dtypes"]["layer0.expert_bias"] == torch.float32
     assert r["dtypes"]["layer0.controller.prev_error"] == torch.float64
     # The controller saw the optimizer step's global counts: every token of the global batch (both

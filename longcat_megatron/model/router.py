@@ -39,13 +39,10 @@ class Routing:
 class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
     """``route(x [s, b, H]) -> Routing``; also satisfies megatron's router interface.
 
-    Its expert bias and step statistics keep their dtype under bf16
-    (:mod:`longcat_megatron.model.full_precision`); logits and softmax are computed in fp32. The
-    weight follows the model's parameter dtype (under bf16 the optimizer holds its fp32 master copy;
-    megatron's distributed optimizer takes one parameter dtype per buffer) and is exported in fp32,
-    the dtype of the released ``classifier.weight``."""
+    Its weight (fp32 in the released model), expert bias and step statistics keep their dtype under
+    bf16 (:mod:`longcat_megatron.model.full_precision`); logits and softmax are computed in fp32."""
 
-    full_precision_names = ("expert_bias", "step_picks", "step_tokens", "step_entropy")
+    full_precision_names = ("weight", "expert_bias", "step_picks", "step_tokens", "step_entropy")
 
     def __init__(self, cfg: ModelConfig, tf_config, layer_number: int = 0):
         super().__init__(config=tf_config)
