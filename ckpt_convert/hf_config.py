@@ -113,6 +113,32 @@ def install_remote_code(out_dir: str) -> None:
         json.dump(config, f, indent=2, sort_keys=True)
 
 
+def _check_yarn_extras(rope: dict, kw: dict, source: str) -> None:
+    """``rope_parameters`` fields of transformers' YaRN that the model does not take as settings:
+    accepted when they state what the model computes anyway, refused otherwise (silently ignoring
+    them would change every attention score)."""
+    import dataclasses
+
+    from longcat_megatron.model.config import ModelConfig
+    from longcat_megatron.model.rotary import rotary_amplitude
+
+    if rope.get("truncate", True) is not True:
+        raise ConversionError(
+            f"{source}: rope_parameters.truncate={rope['truncate']!r}: the model rounds YaRN's "
+            "correction range to whole dimensions (transformers' default truncate=true) and has no "
+            "setting for the untruncated range; remove the field or set it to true")
+    given = rope.get("attention_factor")
+    if given is not None:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        implied = rotary_amplitude(ModelConfig(**{k: v for k, v in kw.items() if k in fields}))
+        if abs(float(given) - implied) > 1e-6 * max(1.0, abs(implied)):
+            raise ConversionError(
+                f"{source}: rope_parameters.attention_factor={given} differs from {implied:.8g}, "
+                "the value YaRN derives from factor/mscale/mscale_all_dim (which the model applies); "
+                "an explicit attention_factor is not supported: remove the field to use the derived "
+                "value, or convert with mscale/mscale_all_dim that give it")
+
+
 def model_config_from_hf(hf: dict, source: str = "config.json"):
     """ModelConfig (``arch: longcat``) equal to an HF LongcatFlash / Ngram config dict."""
     from longcat_megatron.model.config import ModelConfig
@@ -163,6 +189,7 @@ def model_config_from_hf(hf: dict, source: str = "config.json"):
                   yarn_beta_slow=float(rope.get("beta_slow", 1.0)),
                   yarn_mscale=float(rope.get("mscale", 1.0)),
                   yarn_mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)))
+        _check_yarn_extras(rope, kw, source)
     elif rope_type != "default":
         raise ConversionError(f"{source}: rope type {rope_type!r} is not supported (default or yarn)")
     if hf.get("head_dim") not in (None, kw["qk_rope_head_dim"]):

@@ -15,6 +15,9 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, out) -> 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Conversion is CPU work: gloo groups, whatever GPUs the host has (NCCL would bind rank r to GPU r
+    # and fail when there are more ranks than GPUs).
+    os.environ.setdefault("LONGCAT_FORCE_CPU", "1")
     try:
         out.put((rank, "ok", fn(*args)))
     except BaseException as e:  # noqa: BLE001 - report to the parent

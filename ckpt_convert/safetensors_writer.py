@@ -27,6 +27,9 @@ if hasattr(torch, "float8_e4m3fn"):
     _DTYPES[torch.float8_e5m2] = "F8_E5M2"
 
 INDEX_NAME = "model.safetensors.index.json"
+# LongCat-Flash-Lite's released layout keeps the MTP tensors in this file, outside the index
+# (transformers ignores ``model.mtp.*`` on load; ckpt_convert.hf_reader reads it).
+AUXILIARY_NAME = "model-auxiliary.safetensors"
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,13 @@ def _shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
 
 
 class ShardedSafetensorsWriter:
-    """Write declared tensors, in declared order, into ``out_dir`` as sharded safetensors."""
+    """Write declared tensors, in declared order, into ``out_dir`` as sharded safetensors.
+
+    ``auxiliary`` names tensors that go to :data:`AUXILIARY_NAME` (not in the index); they must be
+    declared after all others."""
 
     def __init__(self, out_dir: str, specs: Sequence[TensorSpec], max_shard_bytes: int = 5 * 10**9,
-                 progress=None):
+                 progress=None, auxiliary: Sequence[str] = ()):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})[0]
@@ -75,9 +81,17 @@ class ShardedSafetensorsWriter:
             if s.dtype not in _DTYPES:
                 raise ConversionError(f"tensor '{s.name}': dtype {s.dtype} cannot be stored in safetensors")
         self.out_dir = out_dir
-        self.shards = _shard_plan(list(specs), max_shard_bytes)
+        aux = set(auxiliary)
+        main = [s for s in specs if s.name not in aux]
+        if [s.name for s in specs] != [s.name for s in main] + [s.name for s in specs if s.name in aux]:
+            raise ConversionError("auxiliary tensors must be declared after all the others")
+        self.shards = _shard_plan(main, max_shard_bytes)
         n = len(self.shards)
         self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        if aux:
+            self.shards.append([s for s in specs if s.name in aux])
+            self.files.append(AUXILIARY_NAME)
+        self._indexed = n
         self._order = [(si, spec) for si, shard in enumerate(self.shards) for spec in shard]
         self._pos = 0
         self._fh = None
@@ -132,9 +146,10 @@ class ShardedSafetensorsWriter:
             self._fh = None
         if not self._order:
             raise ConversionError("no tensors to write")
+        indexed = [(si, spec) for si, spec in self._order if si < self._indexed]
         index = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": {spec.name: self.files[si] for si, spec in self._order},
+            "metadata": {"total_size": sum(spec.nbytes for _, spec in indexed)},
+            "weight_map": {spec.name: self.files[si] for si, spec in indexed},
         }
         path = os.path.join(self.out_dir, INDEX_NAME)
         with open(path, "w") as f:

@@ -40,6 +40,10 @@ class ExportItem:
     produce: Callable[[], torch.Tensor]
 
 
+# Router tensors exported in fp32 for any --dtype (the released model's dtype for them).
+ROUTER_FP32 = re.compile(r"\.mlp\.router\.(classifier\.weight|e_score_correction_bias)$")
+
+
 def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype],
                 zero_expert_weights: bool) -> list[ExportItem]:
     """Every HF tensor to write, with its shape/dtype and a function that reads it (lazily)."""
@@ -70,6 +74,11 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
             items.append(ExportItem(
                 TensorSpec(rule.hf[0], (rule.rows, *shape[1:]), out_dtype(info.dtype)),
                 lambda f=rule.full, s=rule.row_start, n=rule.rows: cast(locator.read_rows(f, s, n))))
+        elif ROUTER_FP32.search(rule.hf[0]):
+            # HF keeps the router in fp32 (``_keep_in_fp32_modules``; the fp8 releases too), whatever
+            # --dtype asks for (checkpoints from before bf16 kept it in fp32 may hold it in bf16).
+            items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), torch.float32),
+                                    lambda f=rule.full: locator.read(f).float()))
         else:
             items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), out_dtype(info.dtype)),
                                     lambda f=rule.full: cast(locator.read(f))))
@@ -88,6 +97,14 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
             f"know, e.g. '{unused[0]}'; the model config (run_config.yaml) does not describe them"
         )
     return items
+
+
+def auxiliary_tensors(cfg, items: list[ExportItem]) -> set[str]:
+    """HF names written to model-auxiliary.safetensors: LongCat-Flash-Lite (N-gram) keeps its MTP
+    tensors there in the released layout; plain LongCat-Flash keeps them in the main shards."""
+    if getattr(cfg, "ngram", None) is None:
+        return set()
+    return {i.spec.name for i in items if i.spec.name.startswith("model.mtp.")}
 
 
 def _check_shapes(items: list[ExportItem], cfg, path: str) -> None:
@@ -133,6 +150,9 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
     if dtype != "auto" and cast is None:
         raise ConversionError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32")
     items = plan_export(locator, cfg, dtype=cast, zero_expert_weights=zero_expert_weights)
+    auxiliary = auxiliary_tensors(cfg, items)
+    items = [i for i in items if i.spec.name not in auxiliary] + [
+        i for i in items if i.spec.name in auxiliary]
     total = sum(i.spec.nbytes for i in items)
     first_float = next(i.spec.dtype for i in items if i.spec.dtype.is_floating_point)
     dtype_name = str(first_float).replace("torch.", "")
@@ -140,7 +160,8 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="to_hf",
                    disable=not progress, file=sys.stderr)
-        writer = ShardedSafetensorsWriter(tmp, [i.spec for i in items], parse_size(max_shard_size), bar)
+        writer = ShardedSafetensorsWriter(tmp, [i.spec for i in items], parse_size(max_shard_size), bar,
+                                          auxiliary=auxiliary)
         try:
             for item in items:
                 writer.write(item.spec.name, item.produce())

@@ -107,6 +107,77 @@ def fix_optimizer_state_restore() -> None:
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def fix_mixed_dtype_param_order() -> None:
+    """The distributed optimizer maps each model param to ``(group, order)`` in range order, then
+    rebuilds each group's params as ``[fp32 params, fp32 copies of 16-bit params]``: with both kinds
+    in one group (an fp32 parameter in a bf16 model, such as the LongCat router weight) the map points
+    at other params' states and the fully-reshardable save fails. Recompute the map in the real order.
+    Not TE-specific: applied on every device. Tested by tests/test_bf16_router.py (save and bitwise
+    resume of a bf16 model with the fp32 router weight)."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    orig = dopt.DistributedOptimizer.__init__
+    if getattr(orig, "_longcat", False):
+        return
+
+    def init(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        index = {}
+        for group_index, group_range in enumerate(self.opt_group_ranges):
+            params = group_range["params"]
+            ordered = ([p for p in params if p.dtype == torch.float32]
+                       + [p for p in params if p.dtype != torch.float32])
+            for order, param in enumerate(ordered):
+                index[param] = (group_index, order)
+        self.model_param_group_index_map = index
+
+    init._longcat = True
+    dopt.DistributedOptimizer.__init__ = init
+
+
+def fix_mixed_dtype_float16_optimizer_state() -> None:
+    """The same bug in the non-distributed bf16 optimizer: its ``sharded_state_dict`` numbers the
+    model params by enumerating only the 16-bit ones, while the optimizer state numbers all params of
+    the groups; with an fp32 param among them, states land on the wrong tensors ("Optimizer shape
+    does not match model shape"). Number them in the optimizer's own order."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params as F16
+
+    if getattr(F16.sharded_state_dict, "_longcat", False):
+        return
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        if is_loading:
+            self.init_state_fn(self.optimizer, self.config)
+        state_dict = self.state_dict()
+        model_of = {id(main): model for f16, f32 in zip(self.float16_groups, self.fp32_from_float16_groups)
+                    for model, main in zip(f16, f32)}
+        # The optimizer's params in state-id order, each 16-bit param standing for its fp32 copy.
+        ordered = [model_of.get(id(p), p) for g in self.optimizer.param_groups for p in g["params"]]
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, ordered)
+        state_dict["fp32_from_fp16_params"] = [
+            [make_sharded_optimizer_tensor(id_map[pid], p, prefix="optimizer.state.fp32_param")
+             for pid, p in zip(state_group["params"], group["params"]) if id(p) in model_of]
+            for group, state_group in zip(self.optimizer.param_groups,
+                                          state_dict["optimizer"]["param_groups"])
+        ]
+        step = self._extract_common_per_param_step(state_dict["optimizer"])
+        optim_state_to_sharding_state(state_dict["optimizer"], id_map, exclude_keys="step")
+        if step:
+            state_dict["optimizer"]["state"]["common_step"] = step
+        return state_dict
+
+    sharded_state_dict._longcat = True
+    F16.sharded_state_dict = sharded_state_dict
+
+
+# Applied with and without TransformerEngine (megatron bugs not tied to the local spec).
+ALWAYS = (fix_mixed_dtype_param_order, fix_mixed_dtype_float16_optimizer_state)
+
 FIXES = (
     fix_router_gemm_name,
     fix_mla_have_te,
@@ -118,7 +189,12 @@ FIXES = (
 
 def apply() -> list[str]:
     """Apply the no-TE fixes once; a no-op when TransformerEngine is present."""
-    if _APPLIED or have_transformer_engine():
+    if _APPLIED:
+        return list(_APPLIED)
+    for fn in ALWAYS:
+        fn()
+        _APPLIED.append(fn.__name__)
+    if have_transformer_engine():
         return list(_APPLIED)
     for fn in FIXES:
         fn()

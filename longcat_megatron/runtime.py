@@ -135,7 +135,11 @@ def use_cuda() -> bool:
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialise torch.distributed (idempotent). Returns (rank, world_size)."""
+    from longcat_megatron import collectives
+
     if dist.is_initialized():
+        if not collectives.has_cpu_group():
+            collectives.init_cpu_group()
         return dist.get_rank(), dist.get_world_size()
     rank, world, local = launcher_env()
     if backend == "auto":
@@ -150,6 +154,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     dist.init_process_group(
         backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
     )
+    collectives.init_cpu_group()  # gloo group for object collectives, beside the NCCL groups
     return rank, world
 
 
@@ -216,6 +221,9 @@ def shutdown() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
+        from longcat_megatron import collectives
+
+        collectives.reset()
         dist.destroy_process_group()
 
 

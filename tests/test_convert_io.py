@@ -282,3 +282,23 @@ def test_hf_reader_finds_lite_auxiliary_mtp_file(tmp_path):
     r = HFCheckpointReader(str(tmp_path))
     assert r.file_of["model.mtp.norm.weight"] == "model-auxiliary.safetensors"
     assert torch.equal(r.read("model.mtp.norm.weight"), torch.arange(3.0))
+
+
+def test_writer_puts_auxiliary_tensors_outside_the_index(tmp_path):
+    from ckpt_convert.hf_reader import HFCheckpointReader
+    from ckpt_convert.safetensors_writer import AUXILIARY_NAME, ShardedSafetensorsWriter, TensorSpec
+
+    tensors = {"model.norm.weight": torch.arange(4.0), "model.mtp.norm.weight": torch.arange(3.0)}
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    with pytest.raises(ConversionError, match="auxiliary tensors must be declared after"):
+        ShardedSafetensorsWriter(str(tmp_path), specs[::-1], auxiliary=["model.mtp.norm.weight"])
+    w = ShardedSafetensorsWriter(str(tmp_path), specs, auxiliary=["model.mtp.norm.weight"])
+    for k, v in tensors.items():
+        w.write(k, v)
+    index = json.load(open(w.finish()))
+    assert index["weight_map"] == {"model.norm.weight": "model-00001-of-00001.safetensors"}
+    assert index["metadata"]["total_size"] == 16
+    (tmp_path / "config.json").write_text("{}")
+    r = HFCheckpointReader(str(tmp_path))
+    assert r.file_of["model.mtp.norm.weight"] == AUXILIARY_NAME
+    assert torch.equal(r.read_rows("model.mtp.norm.weight", 0, 3), tensors["model.mtp.norm.weight"])

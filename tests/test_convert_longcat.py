@@ -106,6 +106,24 @@ def test_export_layout(exported):
     assert not [n for n in os.listdir(os.path.dirname(hf_dir)) if n.startswith(".hf.partial")]
 
 
+def test_router_is_planned_in_fp32_for_any_dtype(exported):
+    """HF keeps the router in fp32: --dtype bf16 casts everything else, not the classifier/bias."""
+    from ckpt_convert.dcp_reader import TorchDistReader, resolve_checkpoint_dir
+    from ckpt_convert.layout import CheckpointLocator
+    from ckpt_convert.to_hf import load_model_config, plan_export
+
+    iter_dir = resolve_checkpoint_dir(exported[1])[0]
+    items = plan_export(CheckpointLocator(TorchDistReader(iter_dir)), load_model_config(iter_dir),
+                        dtype=torch.bfloat16, zero_expert_weights=True)
+    dtypes = {i.spec.name: i.spec.dtype for i in items}
+    router = [k for k in dtypes if ".mlp.router." in k]
+    assert len(router) == 4 and all(dtypes[k] == torch.float32 for k in router)
+    assert dtypes["model.layers.0.mlp.router.classifier.weight"] == torch.float32
+    assert dtypes["lm_head.weight"] == torch.bfloat16
+    item = next(i for i in items if i.spec.name == "model.layers.1.mlp.router.classifier.weight")
+    assert item.produce().dtype == torch.float32
+
+
 def test_export_logits_and_greedy_match_transformers(exported):
     _, ckpt, hf_dir, _ = exported
     report, ours, theirs = run_distributed(_verify_and_greedy, 1, ckpt, hf_dir)[0]
@@ -342,6 +360,15 @@ def test_roundtrip_is_bitwise_from_any_saved_layout(tmp_path, tp, pp, ep, world,
     ckpt, hf_dir, back = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "back")
     run_distributed(_train_longcat_at, world, ckpt, tp, pp, ep, ngram)
     run_distributed(_export, 1, ckpt, hf_dir, "5GB")
+    if ngram:   # Lite's released layout: MTP tensors in model-auxiliary.safetensors, outside the index
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(hf_dir, "model-auxiliary.safetensors"), "pt") as f:
+            aux = set(f.keys())
+        index = json.load(open(os.path.join(hf_dir, "model.safetensors.index.json")))["weight_map"]
+        assert aux and all(k.startswith("model.mtp.") for k in aux)
+        assert "model.mtp.layers.0.eh_proj.weight" in aux
+        assert not [k for k in index if k.startswith("model.mtp.")]
     convert(hf_dir, back, tp=tp, pp=pp, ep=ep, model_overrides=TRAINING_ONLY, progress=False)
     original, again = _model_tensors(ckpt), _model_tensors(back)
     assert set(original) == set(again) and len(original) > 10

@@ -117,3 +117,21 @@ def test_controller_state_in_distributed_checkpoint(tmp_path):
     assert "decoder.layers.0.mlp.router.controller.prev_error" in keys
     assert "decoder.layers.0.mlp.router.expert_bias" in keys
     assert same
+
+
+def test_activation_recomputation_counts_each_token_once():
+    """A forward re-run inside the backward pass (activation recomputation, reentrant or not) adds
+    nothing to the step's counts, so the controller sees each routed token once."""
+    import pytest
+    from torch.utils.checkpoint import checkpoint
+
+    reference = _router()
+    reference.route(_tokens(0))
+    for reentrant in (True, False):
+        router = _router()
+        x = _tokens(0).requires_grad_(True)
+        out = checkpoint(lambda t: router.route(t).ffn_probs.sum(), x, use_reentrant=reentrant)
+        out.backward()
+        assert x.grad is not None
+        assert torch.equal(router.step_picks, reference.step_picks), reentrant
+        assert float(router.step_tokens) == pytest.approx(512)

@@ -27,11 +27,14 @@ def attach(activation: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return MoEAuxLossAutoScaler.apply(activation, loss)
 
 
-def hidden_z_loss(hidden: torch.Tensor, coeff: float, token_scale: float) -> torch.Tensor:
-    """``coeff / T * sum_t (logsumexp_i |h_t^i|)^2`` over the tokens of ``hidden [.., H]``;
-    ``token_scale`` = local tokens / global tokens."""
+def hidden_z_loss(hidden: torch.Tensor, coeff: float,
+                  loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(coeff * sum_t m_t (logsumexp_i |h_t^i|)^2, sum_t m_t)`` over the tokens of
+    ``hidden [s, b, H]`` with ``loss_mask [s, b]`` (padding and prompt tokens of SFT have m_t = 0,
+    so they neither add to the loss nor dilute its mean)."""
     lse = torch.logsumexp(hidden.float().abs(), dim=-1)
-    return coeff * lse.pow(2).mean() * token_scale
+    mask = loss_mask.to(lse.dtype)
+    return coeff * (lse.pow(2) * mask).sum(), mask.sum()
 
 
 def device_load_balance_loss(scores: torch.Tensor, picks: torch.Tensor, *, num_ffn: int,

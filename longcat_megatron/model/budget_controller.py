@@ -18,10 +18,14 @@ from __future__ import annotations
 import torch
 
 from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.full_precision import KeepsFullPrecision
 
 
-class BudgetController(torch.nn.Module):
-    """Holds the controller state of one router; :meth:`step` returns the FFN-bias increment."""
+class BudgetController(KeepsFullPrecision, torch.nn.Module):
+    """Holds the controller state of one router; :meth:`step` returns the FFN-bias increment.
+    Its state stays float64 under bf16 (:mod:`longcat_megatron.model.full_precision`)."""
+
+    full_precision_names = ("prev_error", "prev_prev_error")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -35,6 +35,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from longcat_megatron import collectives
 from longcat_megatron.model import aux_losses
 from longcat_megatron.model.attention import (
     additive_mask,
@@ -175,10 +176,7 @@ class LongcatModel(LanguageModule):
         if not self.post_process:
             return hidden
         if self.cfg.z_loss_coeff > 0 and self.training:
-            z = aux_losses.hidden_z_loss(hidden, self.cfg.z_loss_coeff, self._token_scale())
-            self._last_aux["z_loss"] = z.detach() / self._token_scale()
-            tokens = hidden.shape[0] * hidden.shape[1] / self._token_scale()
-            hidden = aux_losses.attach(hidden, aux_losses.in_loss_units(z, tokens, self.config))
+            hidden = self._attach_z_loss(hidden, loss_mask)
         hidden = self.final_layernorm(hidden)
         if self.mtp_head is not None and labels is not None and self.training:
             hidden = self._attach_mtp_loss(input_ids, hidden, rotary, attention_mask, labels,
@@ -188,6 +186,26 @@ class LongcatModel(LanguageModule):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
+
+    def _attach_z_loss(self, hidden, loss_mask):
+        """Hidden z-loss over the loss-masked tokens (the LM loss's tokens): a token sum with
+        ``calculate_per_token_loss`` (divided by the global batch's loss tokens like the LM loss),
+        else this shard's part of the micro-batch mean."""
+        s, b = hidden.shape[:2]
+        if loss_mask is None:
+            mask = hidden.new_ones(s, b, dtype=torch.float32)
+        else:
+            mask = loss_mask.transpose(0, 1)                        # [s (CP chunk), b]
+            if sequence_parallel_size(self.config) > 1:             # this rank's sequence shard
+                r = ps.get_tensor_model_parallel_rank()
+                mask = mask[r * s:(r + 1) * s]
+        z_sum, tokens = aux_losses.hidden_z_loss(hidden, self.cfg.z_loss_coeff, mask)
+        self._last_aux["z_loss"] = (z_sum / tokens.clamp_min(1.0)).detach()
+        if getattr(self.config, "calculate_per_token_loss", False):
+            units = z_sum
+        else:
+            units = z_sum * self._token_scale() / tokens.clamp_min(1.0)
+        return aux_losses.attach(hidden, units)
 
     def _token_scale(self) -> float:
         """Local / global tokens of a sequence-sharded activation (SP shards x CP chunks)."""
@@ -207,7 +225,7 @@ class LongcatModel(LanguageModule):
             # Mean over the whole sequence's tokens: this rank's share of it (sums to the mean
             # over CP, like the SP convention of the other aux losses).
             totals = torch.stack([loss_sum.detach().float(), mask.sum().float()])
-            torch.distributed.all_reduce(totals, group=ps.get_context_parallel_group())
+            collectives.all_reduce(totals, group=ps.get_context_parallel_group())
             tokens = totals[1].clamp_min(1.0)
             self._last_aux["mtp_loss"] = totals[0] / tokens
             loss = loss_sum / tokens

@@ -16,19 +16,14 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
+from longcat_megatron import collectives
 from longcat_megatron.model import aux_losses
 from longcat_megatron.model.budget_controller import BudgetController
 from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.full_precision import KeepsFullPrecision
 from longcat_megatron.model.parallel_info import sequence_parallel_size
-
-
-def recomputing() -> bool:
-    """Whether this forward is activation recompute's second run (inside megatron's checkpoint
-    backward): the step statistics were already counted by the first run."""
-    return tensor_parallel.random.is_checkpointing() and torch.is_grad_enabled()
 
 
 @dataclass
@@ -41,8 +36,13 @@ class Routing:
     aux_loss: Optional[torch.Tensor] = None
 
 
-class ZeroExpertRouter(MegatronModule):
-    """``route(x [s, b, H]) -> Routing``; also satisfies megatron's router interface."""
+class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
+    """``route(x [s, b, H]) -> Routing``; also satisfies megatron's router interface.
+
+    Its weight (fp32 in the released model), expert bias and step statistics keep their dtype under
+    bf16 (:mod:`longcat_megatron.model.full_precision`); logits and softmax are computed in fp32."""
+
+    full_precision_names = ("weight", "expert_bias", "step_picks", "step_tokens", "step_entropy")
 
     def __init__(self, cfg: ModelConfig, tf_config, layer_number: int = 0):
         super().__init__(config=tf_config)
@@ -88,7 +88,7 @@ class ZeroExpertRouter(MegatronModule):
             zero_weight=dense[:, self.num_ffn:].sum(-1),
         )
         picks = pick_map.sum(0).double()
-        if self.training and not recomputing():
+        if self.training and not _recomputing():
             with torch.no_grad():
                 self.step_picks += picks
                 self.step_tokens += tokens.shape[0]
@@ -103,7 +103,7 @@ class ZeroExpertRouter(MegatronModule):
         global_tokens = float(scores.shape[0] * sp)
         if sp > 1:
             picks = picks.clone()
-            torch.distributed.all_reduce(picks, group=ps.get_tensor_model_parallel_group())
+            collectives.all_reduce(picks, group=ps.get_tensor_model_parallel_group())
         loss = aux_losses.device_load_balance_loss(
             scores, picks, num_ffn=self.num_ffn, groups=self.cfg.device_lb_groups,
             topk=self.topk, target=float(self.cfg.budget_target_ffn_experts),
@@ -113,12 +113,16 @@ class ZeroExpertRouter(MegatronModule):
 
     @torch.no_grad()
     def end_step(self) -> dict:
-        """All-reduce this step's statistics over DP x CP x TP, update the FFN bias (if the
+        """Sum this step's statistics (every micro-batch of the optimizer step, every DP x CP rank,
+        and the TP ranks' sequence shards under SP: each token once), update the FFN bias (if the
         controller is on), reset the statistics; returns this layer's metrics."""
         stats = torch.cat([self.step_picks, self.step_tokens[None], self.step_entropy[None]])
         if ps.model_parallel_is_initialized() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(
-                stats, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+            # Without SP every TP rank routes the same tokens: count them on one TP rank's group.
+            group = (ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+                     if sequence_parallel_size(self.config) > 1
+                     else ps.get_data_parallel_group(with_context_parallel=True))
+            collectives.all_reduce(stats, group=group)
         picks, tokens, entropy = stats[: self.num_total], float(stats[-2]), float(stats[-1])
         self.step_picks.zero_()
         self.step_tokens.zero_()
@@ -135,3 +139,9 @@ class ZeroExpertRouter(MegatronModule):
             "load_max_over_mean": float(ffn.max() / mean_load),
             "router_entropy": entropy / tokens,
         }
+
+
+def _recomputing() -> bool:
+    """True inside the backward pass, where activation recomputation re-runs forwards: the step's
+    statistics count each routed token once (in the first forward)."""
+    return torch._C._current_graph_task_id() != -1

@@ -101,11 +101,11 @@ def _global_loss(reports: list) -> float:
     for r in reports:
         total += r["lm loss"].double().cpu()
     if dist.is_initialized():
-        total = total.to(runtime.device())
-        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        from longcat_megatron import collectives
+
+        collectives.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        total = total.cpu()
+            collectives.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total[0] / total[1].clamp(min=1))
 
 

@@ -21,8 +21,6 @@ import signal
 import threading
 import time
 
-import torch
-import torch.distributed as dist
 
 # Exit code meaning "saved a checkpoint and stopped early: requeue me" (EX_TEMPFAIL).
 EXIT_REQUEUE = 75
@@ -140,10 +138,10 @@ class StopRequest:
 
     def agreed(self) -> str | None:
         """The stop reason if any rank wants to stop (the same answer on every rank)."""
-        flag = torch.tensor([1 if self.local_reason() else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not int(flag.item()):
+        from longcat_megatron import collectives
+
+        # The flag goes through the helper: under NCCL it must be a CUDA tensor.
+        if not collectives.any_rank(self.local_reason() is not None):
             return None
         return self.local_reason() or "signal on another rank"
 

@@ -1,0 +1,94 @@
+"""Collectives for control-plane flags and small statistics that are right under NCCL and gloo.
+
+The rule (docs/architecture.md, "Rules that hold everywhere"): a tensor handed to a
+``torch.distributed`` collective lives on the device of the group's backend. NCCL groups (every
+megatron group of a GPU run) take only CUDA tensors, so a flag built on the CPU must move to
+:func:`longcat_megatron.runtime.device` first; gloo groups take CPU tensors. Project code therefore
+sends stop flags, loss sums, routing counts and similar small statistics through :func:`all_reduce`
+(or :func:`any_rank`), which places the tensor for the group and hands the
+result back where the caller keeps it. Python objects (pickled collectives) go through
+:func:`cpu_group`, a gloo group over all ranks created once beside the NCCL groups by
+:func:`longcat_megatron.runtime.init_distributed` (as megatron does for its gloo groups).
+Data-plane exchanges on activations (the N-gram lookup, megatron's own collectives) already hold
+model tensors, which live on ``runtime.device()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+_CPU_GROUP: Optional[Any] = None
+
+
+def init_cpu_group() -> None:
+    """Create the gloo group for object collectives (collective: every rank calls it once, right
+    after ``init_process_group``). Under gloo the default group already is one."""
+    global _CPU_GROUP
+    if dist.get_backend() == "gloo":
+        _CPU_GROUP = dist.GroupMember.WORLD
+    else:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+
+
+def reset() -> None:
+    """Forget the gloo group (the process group it belongs to is being destroyed)."""
+    global _CPU_GROUP
+    _CPU_GROUP = None
+
+
+def has_cpu_group() -> bool:
+    return _CPU_GROUP is not None
+
+
+def cpu_group():
+    """The gloo group over all ranks for object collectives (``all_gather_object`` and friends)."""
+    if _CPU_GROUP is None:
+        raise RuntimeError("collectives.cpu_group(): torch.distributed was not initialised through "
+                           "longcat_megatron.runtime.init_distributed, which creates the gloo group")
+    return _CPU_GROUP
+
+
+def device_for(group=None) -> torch.device:
+    """Where a tensor for a collective over ``group`` must live: CPU for gloo, else the rank's
+    accelerator (``runtime.device()``)."""
+    from longcat_megatron import runtime
+
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return runtime.device()
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """All-reduce ``tensor`` (on any device) over ``group`` in place; returns it. A tensor not on
+    the group's device travels there and back (one small copy each way)."""
+    if not dist.is_initialized():
+        return tensor
+    target = device_for(group)
+    work = tensor if tensor.device == target else tensor.to(target)
+    dist.all_reduce(work, op=op, group=group)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank if ``flag`` is true on any rank of ``group``."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    return bool(all_reduce(t, dist.ReduceOp.MAX, group).item())
+
+
+def all_gather_object(obj: Any) -> list:
+    """``obj`` of every rank (index = rank), through the gloo group."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=cpu_group())
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank, through the gloo group."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=cpu_group())
+    return box[0]
