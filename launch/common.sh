@@ -27,6 +27,7 @@
 #                    them (default 300; also how long a crashed node waits for its stuck ranks)
 #   MASTER_PORT      rendezvous port (default: 20000 + job id % 20000)
 #   EXTRA_LAUNCHER_ARGS  extra torchrun arguments (e.g. "--log-dir /tmp/tr")
+#   LONGCAT_LOG_DIR  per-rank log files and events.log (default: $CKPT_DIR/logs; see launch/rank.sh)
 
 lc_die() { echo "[launch] error: $*" >&2; exit 2; }
 lc_log() { echo "[launch] $*"; }
@@ -157,6 +158,7 @@ lc_train_cmd() {  # the per-rank command (after torchrun)
 
 lc_main() {
     lc_setup_env
+    export LONGCAT_RUN_DIR="${LONGCAT_RUN_DIR:-${LC_CKPT_DIR:-}}"  # per-rank logs + events (rank.sh)
     cd "$LONGCAT_ROOT" || lc_die "cannot cd to $LONGCAT_ROOT"
     [ -n "${CONFIG:-}" ] || lc_die "CONFIG is not set"
     [ -f "$CONFIG" ] || lc_die "config file '$CONFIG' does not exist (set CONFIG=...)"

@@ -56,6 +56,9 @@ class TrainConfig:
     exit_signal_handler: bool = True
     # Stop after this iteration (saving first), e.g. to split a run in two; 0 = train_iters.
     exit_interval: int = 0
+    # Step changes of the global batch at token thresholds: ["420B:2048"] or
+    # [{after_tokens: 420e9, global_batch_size: 2048}] (training/batch_schedule.py).
+    batch_schedule: list = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +111,9 @@ class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
     progress: bool = True
+    # Per-GPU dense peak TFLOP/s for the progress line's MFU (default: known from the GPU's name;
+    # unknown GPU or CPU: MFU not shown, TFLOP/s still is).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -343,6 +349,10 @@ def validate(cfg: RunConfig) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
+    if t.batch_schedule:
+        from longcat_megatron.training.batch_schedule import check as check_batch_schedule
+
+        check_batch_schedule(t.global_batch_size, t.batch_schedule, t.micro_batch_size)
     if cfg.schedule.style not in ("cosine", "linear", "constant", "wsd"):
         raise ConfigError(
             f"schedule.style={cfg.schedule.style!r}: use cosine, linear, constant or wsd"
