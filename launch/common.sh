@@ -152,7 +152,7 @@ lc_exit_duration_override() {
 
 # --- the job -------------------------------------------------------------------------------------------
 lc_train_cmd() {  # the per-rank command (after torchrun)
-    LC_TRAIN=("$LONGCAT_ROOT/launch/rank.sh" "$PYTHON" -m longcat_megatron.train --config "$CONFIG"
+    LC_TRAIN=("$LONGCAT_ROOT/launch/rank.sh" "$PYTHON" -m longcat_megatron.train --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"}
               "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "${LC_RUNTIME_OVERRIDES[@]}" "$@")
 }
 
@@ -165,7 +165,7 @@ lc_main() {
     if [ "${1:-}" = --dry-run ]; then
         shift
         local nodes="${SLURM_JOB_NUM_NODES:-${NNODES:-1}}"
-        exec "$PYTHON" -m longcat_megatron.train --config "$CONFIG" --dry-run \
+        exec "$PYTHON" -m longcat_megatron.train --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"} --dry-run \
             --world-size $(( nodes * NPROC_PER_NODE )) "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "$@"
     fi
     lc_preflight "$@" || exit 2
@@ -185,7 +185,7 @@ lc_preflight() {
     [ "${LONGCAT_SKIP_PREFLIGHT:-0}" = 1 ] && return 0
     local nodes="${SLURM_JOB_NUM_NODES:-1}"
     [ -n "${LONGCAT_NO_SLURM:-}" ] && nodes=1
-    "$PYTHON" -W ignore -m longcat_megatron.train --config "$CONFIG" --dry-run \
+    "$PYTHON" -W ignore -m longcat_megatron.train --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"} --dry-run \
         --world-size $(( nodes * NPROC_PER_NODE )) "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "$@" \
         2>&1 | grep -v -i -E "warn|^\s*$" >&2
     local rc=${PIPESTATUS[0]}
