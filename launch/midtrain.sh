@@ -49,7 +49,18 @@ CKPT_DIR="${CKPT_DIR:-checkpoints/${MODEL:-lite}-midtrain-$STAGE}"
 INIT_FROM="${INIT_FROM:-$_prev}"
 FRESH_OPTIMIZER="${FRESH_OPTIMIZER:-1}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-200}"
-lc_stage "midtrain_$STAGE"
+lc_stage "midtrain_$STAGE" wsd ""
+# Optional RoPE/YaRN overrides (empty = the stage file's values): ROPE_BASE, YARN_FACTOR,
+# YARN_ORIGINAL_MAX, YARN_BETA_FAST, YARN_BETA_SLOW, YARN_MSCALE, YARN_MSCALE_ALL_DIM, MAX_POSITION
+# (default with YARN_FACTOR and YARN_ORIGINAL_MAX: their product).
+if [ -n "${YARN_FACTOR:-}" ] && [ -n "${YARN_ORIGINAL_MAX:-}" ] && [ -z "${MAX_POSITION:-}" ]; then
+    MAX_POSITION="$(awk -v f="$YARN_FACTOR" -v m="$YARN_ORIGINAL_MAX" 'BEGIN { printf "%d", f * m }')"
+fi
+lc_set model.max_position_embeddings "${MAX_POSITION:-}"; lc_set model.rotary_base "${ROPE_BASE:-}"
+[ -n "${YARN_FACTOR:-}" ] && STAGE_OVERRIDES+=(model.rope_type=yarn model.yarn_factor="$YARN_FACTOR")
+lc_set model.yarn_original_max_position_embeddings "${YARN_ORIGINAL_MAX:-}"
+lc_set model.yarn_beta_fast "${YARN_BETA_FAST:-}"; lc_set model.yarn_beta_slow "${YARN_BETA_SLOW:-}"
+lc_set model.yarn_mscale "${YARN_MSCALE:-}"; lc_set model.yarn_mscale_all_dim "${YARN_MSCALE_ALL_DIM:-}"
 if [ "${1:-}" != --dry-run ]; then
     _init="$(lc_init_from "$CKPT_DIR" "$INIT_FROM" "$FRESH_OPTIMIZER")" || exit 2
     [ -n "$_init" ] && mapfile -t -O "${#STAGE_OVERRIDES[@]}" STAGE_OVERRIDES <<< "$_init"

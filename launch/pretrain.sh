@@ -50,5 +50,5 @@ source "$_root/launch/stage.sh" || { echo "cannot find launch/stage.sh: set LONG
 
 CKPT_DIR="${CKPT_DIR:-checkpoints/${MODEL:-lite}-pretrain}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-500}"
-lc_stage pretrain
+lc_stage pretrain wsd rope
 lc_main "$@"

@@ -42,7 +42,10 @@ INIT_FROM="${INIT_FROM:-checkpoints/${MODEL:-lite}-midtrain-128k}"
 FRESH_OPTIMIZER="${FRESH_OPTIMIZER:-1}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-200}"
 DATA_PATHS="${SFT_DATA_PATHS:-${DATA_PATHS:-}}"
-lc_stage sft
+SFT_DATA_FLAGS="${SFT_DATA_FLAGS:-data.sft=true data.reset_position_ids=true}"  # used without a stage file
+lc_stage sft cosine ""
+# shellcheck disable=SC2206  # word-splitting the flag list is intended
+[ -z "$STAGE_FILE" ] && [ -n "$SFT_DATA_FLAGS" ] && STAGE_OVERRIDES+=($SFT_DATA_FLAGS)
 if [ "${1:-}" != --dry-run ]; then
     _init="$(lc_init_from "$CKPT_DIR" "$INIT_FROM" "$FRESH_OPTIMIZER")" || exit 2
     [ -n "$_init" ] && mapfile -t -O "${#STAGE_OVERRIDES[@]}" STAGE_OVERRIDES <<< "$_init"

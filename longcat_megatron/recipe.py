@@ -169,7 +169,9 @@ def stage_iterations(config: str, stage: Optional[str], overrides: Sequence[str]
                              "stage file")
     fraction = float(wsd_decay_fraction if wsd_decay_fraction not in (None, "")
                      else section.get("wsd_decay_fraction", 0.1))
-    cfg = load_config(config, (stage_overrides(stage) if stage else []) + list(overrides) + ["data.mock=true"])
+    # (data.mock: no corpus needed; wsd_decay_iters is what this computes, any positive value validates)
+    cfg = load_config(config, (stage_overrides(stage) if stage else []) + list(overrides)
+                      + ["data.mock=true", "schedule.wsd_decay_iters=1"])
     t = cfg.train
     iters = iterations_for_tokens(budget, t.global_batch_size, t.batch_schedule, cfg.data.seq_length)
     return iters, max(1, int(iters * fraction)), parse_tokens(budget, "token budget")
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default=None, help="token budget (11T, 80B, 1.5e12); default: the stage file's")
     p.add_argument("--wsd-decay-fraction", default=None)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         iters, decay, budget = stage_iterations(args.config, args.stage, args.overrides, args.tokens,
                                                 args.wsd_decay_fraction)

@@ -96,6 +96,6 @@ def test_flash_stage_script_dry_run_lists_guesses():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout + out.stderr
-    assert "MODEL=flash, configs/longcat_flash.yaml + configs/stages/flash_midtrain_32k.yaml; 2385 iterations" in text
+    assert "recipe: configs/longcat_flash.yaml + configs/stages/flash_midtrain_32k.yaml; 2385 iterations" in text
     assert "GUESSED values" in text and "optimizer.lr = 1.0e-4" in text
     assert "model.rotary_base = 5000000.0" in text
