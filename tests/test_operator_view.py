@@ -107,3 +107,29 @@ def test_batch_ramp_progress_line_and_status(tmp_path, capsys):
     png = (a / "logs" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert status_main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_rank_wrapper_splits_logs_and_records_events(tmp_path):
+    """launch/rank.sh: rank 0 stays on stdout (the job log) and records start/exit in events.log;
+    another rank appends to logs/rank-00001.log; exit 75 leaves the requeue marker."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run"
+    marker = tmp_path / "requeue"
+
+    def rank(r: int, code: int):
+        env = dict(os.environ, RANK=str(r), LONGCAT_RUN_DIR=str(run), LONGCAT_REQUEUE_MARKER=str(marker),
+                   SLURM_JOB_ID="42", SLURM_RESTART_COUNT="1", WORLD_SIZE="2")
+        return subprocess.run(["bash", os.path.join(root, "launch/rank.sh"), "bash", "-c",
+                               f"echo hello from {r}; echo oops >&2; exit {code}"],
+                              env=env, capture_output=True, text=True, timeout=30)
+
+    out0, out1 = rank(0, 75), rank(1, 3)
+    assert out0.returncode == 75 and "hello from 0" in out0.stdout and marker.exists()
+    assert out1.returncode == 3 and out1.stdout == "" and out1.stderr == ""
+    text1 = (run / "logs" / "rank-00001.log").read_text()
+    assert "rank 1 job=42 restart=1" in text1 and "hello from 1" in text1 and "oops" in text1
+    events = (run / "logs" / "events.log").read_text().splitlines()
+    assert [e.split()[1] for e in events] == ["start", "exit"] and "rc=75 job=42 restart=1" in events[1]
