@@ -1,7 +1,5 @@
 """What an operator sees: FLOP count, the progress line's figures, per-rank logs, the status tool."""
 
-import pytest
-
 from tests.harness import run_distributed
 from tests.longcat_tiny import tiny_config
 
@@ -17,7 +15,7 @@ def _counted_vs_formula(overrides: dict):
     from longcat_megatron.model.flops import forward_flops_per_token
     from longcat_megatron.model.longcat import build_longcat_chunk
 
-    runtime.initialize(seed=3)
+    runtime.initialize(seed=3)  # re-entrant: rebuilds the groups
     cfg = tiny_config(**overrides)
     model = build_longcat_chunk(cfg, transformer_config(cfg), pre_process=True, post_process=True).train()
     b, s = 2, 32
@@ -31,10 +29,15 @@ def _counted_vs_formula(overrides: dict):
     return counter.get_total_flops(), forward_flops_per_token(cfg, s, k, causal=False) * b * s
 
 
-@pytest.mark.parametrize("overrides", [{}, {"mtp_num_layers": 1}])
-def test_flops_formula_matches_counted_matmuls(overrides):
-    counted, formula = run_distributed(_counted_vs_formula, 1, overrides)[0]
-    assert abs(counted - formula) / counted < 0.02, (counted, formula)
+def _both_variants():
+    return [_counted_vs_formula({}), _counted_vs_formula({"mtp_num_layers": 1})]
+
+
+def test_flops_formula_matches_counted_matmuls():
+    """Every matmul FlopCounterMode sees in a forward (MLA, dense MLPs, router, the experts actually
+    chosen, LM head, MTP) is in the formula: equal within 2% (exactly equal today)."""
+    for counted, formula in run_distributed(_both_variants, 1)[0]:
+        assert abs(counted - formula) / counted < 0.02, (counted, formula)
 
 
 def _train_capturing(overrides: list, log_path: str) -> dict:
