@@ -168,7 +168,7 @@ def collect(run_dir: str) -> RunStatus:
             rope += f" x{model.get('yarn_factor')} over {model.get('yarn_original_max_position_embeddings')}"
         st.stage = (f"{os.path.basename(os.path.normpath(run_dir))}: seq {data.get('seq_length')}, global batch "
                     f"{train.get('global_batch_size')}, {st.train_iters} iterations, RoPE {rope} "
-                    f"base {model.get('rotary_base', '?'):g}")
+                    f"base {model.get('rotary_base', '?')}")
         if data.get("seq_length") and train.get("global_batch_size") and st.train_iters:
             from longcat_megatron.training.batch_schedule import samples_for_iterations
 
