@@ -139,7 +139,7 @@ def print_labels(paths: Sequence[str], overrides: Sequence[str] = (), stream=Non
             print(f"    {item.key} = {item.value}{over}{note}", file=stream)
     extra = [k for k in overridden if k not in merged]
     if extra:
-        print(f"  set by the stage script / command line (not in the files): "
+        print("  set by the stage script / command line (not in the files): "
               + ", ".join(f"{k}={overridden[k]}" for k in extra), file=stream)
     return {k: [i.key for i in v] for k, v in groups.items()}
 
