@@ -1,13 +1,14 @@
 """Conversion throughput and peak memory, both directions, on a synthetic LongCat checkpoint.
 
-    python bench/convert.py [--hidden 2048] [--experts 32] [--layers 4] [--workdir DIR] [--keep]
+    python bench/convert.py [--hidden 2048] [--experts 32] [--layers 4] [--workers N] [--workdir DIR] [--keep]
 
 1. builds a random LongCat model at the given size in one process and saves it with the training
    loop's checkpoint writer (a real torch_dist checkpoint, fp32);
-2. ``to_hf`` in a fresh process: seconds, GB/s, peak RSS;
-3. ``from_hf --tp 1`` of that output in a fresh process: seconds, GB/s, peak RSS (max over the
-   process and its ranks);
-4. the RSS of a process that only imports the same libraries (the floor).
+2. the disk: plain sequential read of the checkpoint's files (64 MB ``readinto``, the same files and
+   page-cache state the converter then sees) and a plain 1 GB write into the work directory;
+3. ``to_hf --workers N`` in a fresh process: seconds, GB/s, peak RSS, and GB/s / disk read rate;
+4. ``from_hf --workers N`` (streaming) of that output, the same figures (its input: the HF files);
+5. the RSS of a process that only imports the same libraries (the floor).
 
 Prints a markdown table (append it to docs/benchmarks.md by hand or with --append).
 """
@@ -77,13 +78,40 @@ def run_measured(cmd: list, env: dict) -> tuple[float, int, str]:
 
 
 def conversion_seconds(stdout: str) -> float:
-    """The seconds the CLI itself reports ('... in 12.3s ...'), i.e. without interpreter start-up."""
+    """The seconds the CLI itself reports for the tensor data ('tensor data 12.3s'), i.e. without
+    interpreter start-up, config writing or the from_hf skeleton."""
     import re
 
-    m = re.search(r" in ([0-9.]+)s", stdout)
+    m = re.search(r"tensor data ([0-9.]+)s", stdout) or re.search(r" in ([0-9.]+)s", stdout)
     if not m:
         raise RuntimeError(f"no timing in output: {stdout!r}")
     return float(m.group(1))
+
+
+def read_rate(path: str) -> float:
+    """GB/s of a plain sequential read of every file under ``path`` (64 MB reads into one buffer)."""
+    buf = memoryview(bytearray(64 << 20))
+    n, t = 0, time.perf_counter()
+    for d, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(d, name), "rb", buffering=0) as f:
+                while k := f.readinto(buf):
+                    n += k
+    return n / 1e9 / max(time.perf_counter() - t, 1e-9)
+
+
+def write_rate(directory: str, nbytes: int = 10**9) -> float:
+    """GB/s of a plain sequential write of ``nbytes`` into ``directory`` (no fsync, like the
+    converters), the file removed afterwards."""
+    block = bytes(64 << 20)
+    path = os.path.join(directory, ".bench-write-rate")
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(max(1, nbytes // len(block))):
+            f.write(block)
+    rate = max(1, nbytes // len(block)) * len(block) / 1e9 / max(time.perf_counter() - t, 1e-9)
+    os.remove(path)
+    return rate
 
 
 def dir_bytes(path: str) -> int:
@@ -96,6 +124,8 @@ def main() -> int:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--workers", type=int, default=None,
+                   help="--workers for both converters (default: theirs, CPU count up to 8)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true")
     p.add_argument("--append", action="store_true", help="append the table to docs/benchmarks.md")
@@ -113,29 +143,40 @@ def main() -> int:
             raise RuntimeError(build.stderr[-3000:])
         print(f"built synthetic checkpoint in {time.perf_counter() - t:.0f}s", file=sys.stderr)
         ckpt_bytes = dir_bytes(ckpt)
+        workers = ["--workers", str(args.workers)] if args.workers else []
         _, floor, _ = run_measured([sys.executable, "-c", _IMPORTS_ONLY.format(root=ROOT)], env)
+        disk_write = write_rate(work)
+        read_to = read_rate(ckpt)
         w_to, rss_to, out_to = run_measured([sys.executable, "-m", "ckpt_convert.to_hf", "--load", ckpt,
-                                        "--output", hf_dir, "--no-progress", "--max-shard-size", "1GB"], env)
+                                        "--output", hf_dir, "--no-progress", "--max-shard-size", "1GB",
+                                        *workers], env)
         hf_bytes = dir_bytes(hf_dir)
+        read_from = read_rate(hf_dir)
         w_from, rss_from, out_from = run_measured([sys.executable, "-m", "ckpt_convert.from_hf", "--hf", hf_dir,
-                                            "--save", back, "--tp", "1"], env)
+                                            "--save", back, "--no-progress", *workers], env)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     s_to, s_from = conversion_seconds(out_to), conversion_seconds(out_from)
     gb = 1e9
+    nw = args.workers or min(8, os.cpu_count() or 1)
+    g_to, g_from = hf_bytes / gb / s_to, hf_bytes / gb / s_from
     rows = [
-        "| direction | data | conversion s | GB/s | wall s (incl. imports) | peak RSS | peak RSS / data |",
-        "|---|---|---|---|---|---|---|",
-        f"| megatron → HF (`to_hf`, 1 process) | {ckpt_bytes / gb:.2f} GB | {s_to:.1f} | "
-        f"{hf_bytes / gb / s_to:.2f} | {w_to:.1f} | {rss_to / gb:.2f} GB | {rss_to / ckpt_bytes:.2f} |",
-        f"| HF → megatron (`from_hf`, streaming, 1 process) | {hf_bytes / gb:.2f} GB | {s_from:.1f} | "
-        f"{hf_bytes / gb / s_from:.2f} | {w_from:.1f} | {rss_from / gb:.2f} GB | {rss_from / hf_bytes:.2f} |",
-        f"| (imports only: RSS floor) | | | | | {floor / gb:.2f} GB | |",
+        "| direction | data | tensor s | GB/s | disk read GB/s (same files) | GB/s / disk read | "
+        "wall s (incl. imports) | peak RSS | peak RSS / data |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| megatron → HF (`to_hf --workers {nw}`) | {ckpt_bytes / gb:.2f} GB | {s_to:.1f} | {g_to:.2f} | "
+        f"{read_to:.2f} | {g_to / read_to:.2f} | {w_to:.1f} | {rss_to / gb:.2f} GB | {rss_to / ckpt_bytes:.2f} |",
+        f"| HF → megatron (`from_hf --workers {nw}`, streaming) | {hf_bytes / gb:.2f} GB | {s_from:.1f} | "
+        f"{g_from:.2f} | {read_from:.2f} | {g_from / read_from:.2f} | {w_from:.1f} | {rss_from / gb:.2f} GB | "
+        f"{rss_from / hf_bytes:.2f} |",
+        f"| (imports only: RSS floor) | | | | | | | {floor / gb:.2f} GB | |",
+        f"| (disk: plain 1 GB write into the work directory) | | | {disk_write:.2f} | | | | | |",
     ]
     header = (f"\n### Checkpoint conversion (bench/convert.py; hidden {args.hidden}, {args.layers} layers, "
               f"{args.experts}+{args.experts // 2} experts, vocab {args.vocab}, fp32, "
-              f"{os.cpu_count()} CPU cores)\n\n")
+              f"{os.cpu_count()} CPU cores, work dir {work}, load average "
+              f"{os.getloadavg()[0]:.1f})\n\n")
     table = header + "\n".join(rows) + "\n"
     print(table)
     if args.append:

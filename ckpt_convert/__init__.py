@@ -21,3 +21,10 @@ def tensor_nbytes(shape: tuple, dtype) -> int:
     for s in shape:
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def default_workers() -> int:
+    """Threads for conversion I/O (``--workers`` default): the CPU count, at most 8."""
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))

@@ -1,16 +1,18 @@
 """Streaming writer of a PyTorch DCP directory (the tensor part of a megatron ``torch_dist`` checkpoint).
 
 Tensors arrive as chunks (a whole tensor, one expert of a stacked tensor, a row range); each chunk
-is ``torch.save``d at the end of the current ``__0_K.distcp`` file and indexed by its global offset,
-exactly as DCP's FileSystemWriter stores items, so DCP / megatron-core load it under any sharding.
-Byte objects (megatron ShardedObjects such as ``_extra_state``) are stored verbatim.
+is ``torch.save``d at the end of the calling thread's current ``__T_K.distcp`` file and indexed by
+its global offset, exactly as DCP's FileSystemWriter stores items, so DCP / megatron-core load it
+under any sharding. Byte objects (megatron ShardedObjects such as ``_extra_state``) are stored
+verbatim. Several threads may add chunks at once (each writes its own files; the index is shared
+under a lock), which is how ``from_hf --workers`` reads and writes in parallel.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -25,30 +27,43 @@ class DCPWriter:
         self.out_dir = out_dir
         self.max_file_bytes = max_file_bytes
         self.progress = progress
-        self._file_index = -1
-        self._fh = None
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per thread: writer number, file index, open file
+        self._writers = 0
+        self._handles: list = []
         self._tensors: dict = {}
         self._objects: set[str] = set()
         self._storage: dict = {}
 
     def _stream(self):
-        if self._fh is None or self._fh.tell() >= self.max_file_bytes:
-            if self._fh is not None:
-                self._fh.close()
-            self._file_index += 1
-            self._fh = open(os.path.join(self.out_dir, self._name()), "wb")
-        return self._fh
+        """This thread's open ``__T_K.distcp`` file (a new one once ``max_file_bytes`` is reached)."""
+        local = self._local
+        if not hasattr(local, "writer"):
+            with self._lock:
+                local.writer, self._writers = self._writers, self._writers + 1
+            local.index, local.fh = -1, None
+        if local.fh is None or local.fh.closed or local.fh.tell() >= self.max_file_bytes:
+            if local.fh is not None:
+                local.fh.close()
+            local.index += 1
+            local.name = f"__{local.writer}_{local.index}.distcp"
+            local.fh = open(os.path.join(self.out_dir, local.name), "wb")
+            with self._lock:
+                self._handles.append(local.fh)
+        return local.fh, local.name
 
-    def _name(self) -> str:
-        return f"__0_{self._file_index}.distcp"
-
-    def _append(self, payload: bytes):
+    def _append(self, payload):
+        """Write ``payload`` (bytes, or a function writing into the file) at the end of this thread's
+        file; its storage info."""
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-        fh = self._stream()
+        fh, name = self._stream()
         offset = fh.tell()
-        fh.write(payload)
-        return _StorageInfo(relative_path=self._name(), offset=offset, length=len(payload))
+        if callable(payload):
+            payload(fh)
+        else:
+            fh.write(payload)
+        return _StorageInfo(relative_path=name, offset=offset, length=fh.tell() - offset)
 
     def add_chunk(self, key: str, global_shape: Sequence[int], offsets: Sequence[int],
                   chunk: torch.Tensor) -> None:
@@ -61,28 +76,35 @@ class DCPWriter:
             raise ConversionError(f"'{key}': chunk of rank {chunk.dim()} for a tensor of shape {tuple(global_shape)}")
         if any(o + s > n for o, s, n in zip(offsets, chunk.shape, global_shape)):
             raise ConversionError(f"'{key}': chunk {tuple(chunk.shape)} at {tuple(offsets)} exceeds {tuple(global_shape)}")
-        md = self._tensors.get(key)
-        if md is None:
-            md = TensorStorageMetadata(properties=TensorProperties(dtype=chunk.dtype), size=global_shape,
-                                       chunks=[])
-            self._tensors[key] = md
-        elif md.size != global_shape or md.properties.dtype != chunk.dtype:
-            raise ConversionError(f"'{key}': chunks disagree on shape/dtype")
-        buf = io.BytesIO()
-        torch.save(chunk.detach().contiguous().clone(), buf)
-        info = self._append(buf.getvalue())
-        md.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=chunk.shape))
-        self._storage[MetadataIndex(fqn=key, offset=offsets)] = info
+        with self._lock:
+            md = self._tensors.get(key)
+            if md is None:
+                md = TensorStorageMetadata(properties=TensorProperties(dtype=chunk.dtype), size=global_shape,
+                                           chunks=[])
+                self._tensors[key] = md
+            elif md.size != global_shape or md.properties.dtype != chunk.dtype:
+                raise ConversionError(f"'{key}': chunks disagree on shape/dtype")
+        data = chunk.detach().contiguous()
+        if data.untyped_storage().nbytes() != data.numel() * data.element_size():
+            data = data.clone()  # torch.save writes the whole storage of a view
+        info = self._append(lambda fh: torch.save(data, fh))
+        with self._lock:
+            md.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=chunk.shape))
+            self._storage[MetadataIndex(fqn=key, offset=offsets)] = info
         if self.progress is not None:
-            self.progress.update(chunk.numel() * chunk.element_size())
+            with self._lock:
+                self.progress.update(chunk.numel() * chunk.element_size())
 
     def add_bytes(self, key: str, payload: bytes) -> None:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        if key in self._objects:
-            raise ConversionError(f"object '{key}' written twice")
-        self._objects.add(key)
-        self._storage[MetadataIndex(fqn=key)] = self._append(payload)
+        with self._lock:
+            if key in self._objects:
+                raise ConversionError(f"object '{key}' written twice")
+            self._objects.add(key)
+        info = self._append(payload)
+        with self._lock:
+            self._storage[MetadataIndex(fqn=key)] = info
 
     def finish(self, planner_data: Optional[dict] = None) -> None:
         """Check every tensor is fully covered, then write the DCP index ``.metadata``."""
@@ -92,9 +114,7 @@ class DCPWriter:
             covered = sum(int(torch.Size(c.sizes).numel()) for c in md.chunks)
             if covered != md.size.numel():
                 raise ConversionError(f"'{key}': chunks cover {covered} of {md.size.numel()} elements")
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self.close()
         state = dict(self._tensors)
         state.update({k: BytesStorageMetadata() for k in self._objects})
         metadata = Metadata(state_dict_metadata=state, planner_data=planner_data,
@@ -103,6 +123,8 @@ class DCPWriter:
             pickle.dump(metadata, f)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Close every thread's file (call after all threads are done)."""
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for fh in handles:
+            fh.close()

@@ -1,8 +1,10 @@
 """Import a Hugging Face LongCat directory as a megatron-core checkpoint for training here.
 
-    python -m ckpt_convert.from_hf --hf HF_DIR --save CKPT_DIR [--tp 1] [--pp 1] [--ep 1]
+    python -m ckpt_convert.from_hf --hf HF_DIR --save CKPT_DIR [--workers N] [--via-model --tp 1 --pp 1 --ep 1]
 
-Checks the HF directory first (config vs weights, unknown keys), then starts TP*PP*EP local
+Default (streaming): one process, ``--workers`` threads, reads each HF tensor once and writes a
+layout-free torch_dist checkpoint that loads under any TP/PP/EP. Either way the HF directory is
+checked first (config vs weights, unknown keys). ``--via-model`` starts TP*PP*EP local
 processes (gloo on CPU; or runs inside an existing torchrun/srun launch of that size), builds the
 model at that layout, fills every rank's shards straight from the safetensors files (each rank reads
 only the tensors/rows it holds, via mmap) and saves with the training loop's checkpoint writer
@@ -25,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ckpt_convert import ConversionError
+from ckpt_convert import ConversionError, default_workers
 from ckpt_convert.hf_reader import HFCheckpointReader, routed_expert_count
 from ckpt_convert.layout import NGRAM_TABLES, Rule, conversion_rules
 from ckpt_convert.output_dir import atomic_output_dir
@@ -283,10 +285,13 @@ def skeleton_tree(cfg) -> dict:
     return tree
 
 
-def write_direct(reader: HFCheckpointReader, cfg, skeleton_iter: str, out_iter: str, progress=None) -> int:
+def write_direct(reader: HFCheckpointReader, cfg, skeleton_iter: str, out_iter: str, progress=None,
+                 workers: int = 1) -> int:
     """Stream the HF tensors into a torch_dist checkpoint shaped like the skeleton's; returns the
-    number of tensors written."""
+    number of tensors written. ``workers`` threads each read one tensor (one expert, one row block)
+    and write it into their own ``.distcp`` files; memory is about ``workers`` such pieces."""
     import shutil
+    from concurrent.futures import ThreadPoolExecutor
 
     from ckpt_convert.dcp_reader import TorchDistReader
     from ckpt_convert.dcp_writer import DCPWriter
@@ -296,33 +301,50 @@ def write_direct(reader: HFCheckpointReader, cfg, skeleton_iter: str, out_iter: 
     source = HFSource(reader, cfg)
     os.makedirs(out_iter)
     writer = DCPWriter(out_iter, progress=progress)
+
+    def whole(key, info):
+        t = source.full_tensor(key).to(info.dtype)
+        if t.dim() != len(info.shape):
+            raise ConversionError(f"'{key}': HF tensor has shape {tuple(t.shape)}, the model "
+                                  f"expects {len(info.shape)} dims")
+        writer.add_chunk(key, t.shape, (0,) * t.dim(), t)
+
+    def expert(key, info, full, e):
+        t = source.full_tensor(full).to(info.dtype)
+        writer.add_chunk(key, (info.shape[0], *t.shape), (e,) + (0,) * t.dim(), t.unsqueeze(0))
+
+    def table_rows(key, info, rule, lo, hi, total):
+        rows = reader.read_rows(rule.hf[0], lo, hi).to(info.dtype)
+        writer.add_chunk(key, (total, rows.shape[1]), (rule.row_start + lo, 0), rows)
+
+    tasks = []  # one tensor / expert / row block each
+    for key, info in skeleton.tensors.items():
+        if NO_HF_COUNTERPART.search(key):  # width-independent state: take it as initialised
+            tasks.append(lambda k=key, i=info: writer.add_chunk(k, i.shape, (0,) * len(i.shape),
+                                                                skeleton.read(k)))
+        elif key == NGRAM_TABLES:
+            rules = source.rules[NGRAM_TABLES]
+            total = sum(r.rows for r in rules)
+            for rule in rules:
+                for lo in range(0, rule.rows, ROW_BLOCK):
+                    tasks.append(lambda k=key, i=info, r=rule, lo=lo: table_rows(
+                        k, i, r, lo, min(r.rows, lo + ROW_BLOCK), total))
+        elif (m := _STACKED_EXPERTS.match(key)) is not None:
+            for e in range(info.shape[0]):
+                tasks.append(lambda k=key, i=info, e=e, f=f"{m['pre']}.local_experts.{e}.{m['rest']}":
+                             expert(k, i, f, e))
+        elif key in source.rules:
+            tasks.append(lambda k=key, i=info: whole(k, i))
+        else:
+            raise ConversionError(f"model tensor '{key}' has no HF source (converter and model disagree)")
     try:
-        for key, info in skeleton.tensors.items():
-            if NO_HF_COUNTERPART.search(key):  # width-independent state: take it as initialised
-                writer.add_chunk(key, info.shape, (0,) * len(info.shape), skeleton.read(key))
-            elif key == NGRAM_TABLES:
-                rules = source.rules[NGRAM_TABLES]
-                total = sum(r.rows for r in rules)
-                for rule in rules:
-                    for lo in range(0, rule.rows, ROW_BLOCK):
-                        hi = min(rule.rows, lo + ROW_BLOCK)
-                        rows = reader.read_rows(rule.hf[0], lo, hi).to(info.dtype)
-                        writer.add_chunk(key, (total, rows.shape[1]), (rule.row_start + lo, 0), rows)
-            elif (m := _STACKED_EXPERTS.match(key)) is not None:
-                count = info.shape[0]
-                shape = None
-                for e in range(count):
-                    t = source.full_tensor(f"{m['pre']}.local_experts.{e}.{m['rest']}").to(info.dtype)
-                    shape = shape or (count, *t.shape)
-                    writer.add_chunk(key, shape, (e,) + (0,) * t.dim(), t.unsqueeze(0))
-            elif key in source.rules:
-                t = source.full_tensor(key).to(info.dtype)
-                if t.dim() != len(info.shape):
-                    raise ConversionError(f"'{key}': HF tensor has shape {tuple(t.shape)}, the model "
-                                          f"expects {len(info.shape)} dims")
-                writer.add_chunk(key, t.shape, (0,) * t.dim(), t)
-            else:
-                raise ConversionError(f"model tensor '{key}' has no HF source (converter and model disagree)")
+        if workers <= 1:
+            for task in tasks:
+                task()
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="from_hf") as pool:
+                for _ in pool.map(lambda task: task(), tasks):  # re-raises the first failure
+                    pass
         for key in skeleton.objects():
             writer.add_bytes(key, skeleton.read_bytes(key))
         writer.finish(planner_data=skeleton.metadata.planner_data)
@@ -335,7 +357,7 @@ def write_direct(reader: HFCheckpointReader, cfg, skeleton_iter: str, out_iter: 
 
 def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
             overwrite: bool = False, model_overrides: Optional[list[str]] = None,
-            via_model: bool = False, progress: bool = True) -> dict:
+            via_model: bool = False, progress: bool = True, workers: Optional[int] = None) -> dict:
     """Import; returns a summary. Raises ConversionError on bad input (nothing written).
 
     Default: one process streams the HF tensors into a layout-free torch_dist checkpoint (a
@@ -362,7 +384,9 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
     nbytes = sum(i.nbytes for i in reader.tensors.values())
     world = tp * pp * ep if via_model else 1
     tree = {"parallel": {"tensor": tp, "pipeline": pp, "expert": ep, "sequence_parallel": tp > 1}}
+    workers = workers or default_workers()
     start = time.perf_counter()
+    data_seconds = None
     with atomic_output_dir(save, overwrite=overwrite) as tmp:
         if via_model:
             reader.close()
@@ -374,8 +398,11 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
                 launch(_save_skeleton, 1, skeleton_tree(cfg), skeleton)
                 bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc="from_hf", disable=not progress,
                            file=sys.stderr)
+                t_data = time.perf_counter()
                 with bar:
-                    filled = write_direct(reader, cfg, iteration_dir(skeleton, 0), iteration_dir(tmp, 0), bar)
+                    filled = write_direct(reader, cfg, iteration_dir(skeleton, 0), iteration_dir(tmp, 0), bar,
+                                          workers=workers)
+                data_seconds = time.perf_counter() - t_data
             finally:
                 shutil.rmtree(skeleton, ignore_errors=True)
             run_cfg = build_section(RunConfig, tree, "")
@@ -384,7 +411,8 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
             with open(os.path.join(tmp, TRACKER), "w") as f:
                 f.write("0\n")
     return {"bytes": nbytes, "seconds": time.perf_counter() - start, "world": world,
-            "tensors": filled, "output": os.path.abspath(save)}
+            "tensors": filled, "output": os.path.abspath(save),
+            "workers": 1 if via_model else workers, "data_seconds": data_seconds}
 
 
 def main(argv=None) -> int:
@@ -407,17 +435,22 @@ def main(argv=None) -> int:
     p.add_argument("--via-model", action="store_true",
                    help="build the model at TP/PP/EP in TP*PP*EP processes and save it (needs the model's "
                         "memory; default: one streaming process, the checkpoint loads under any layout)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="streaming import: threads reading and writing tensors in parallel (default: CPU "
+                        "count, at most 8); memory is about this many times the largest tensor")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
         s = convert(args.hf, args.save, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.overwrite,
                     model_overrides=args.model_override, via_model=args.via_model,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, workers=args.workers)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    data = f"; tensor data {s['data_seconds']:.1f}s: {s['bytes'] / max(s['data_seconds'], 1e-9) / 1e9:.2f} " \
+        f"GB/s, {s['workers']} workers" if s["data_seconds"] else ""
     print(f"imported {s['bytes'] / 1e9:.3f} GB into {s['output']} on {s['world']} process(es) in "
-          f"{s['seconds']:.1f}s ({s['bytes'] / max(s['seconds'], 1e-9) / 1e9:.2f} GB/s)")
+          f"{s['seconds']:.1f}s ({s['bytes'] / max(s['seconds'], 1e-9) / 1e9:.2f} GB/s{data})")
     return 0
 
 

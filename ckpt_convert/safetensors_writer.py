@@ -3,6 +3,10 @@
 The caller declares every tensor (name, shape, dtype) up front; the writer assigns them to shards of
 at most ``max_shard_bytes`` and writes each shard's header first, then streams tensor bytes in the
 declared order as they arrive. Only the tensor being written is in memory.
+
+:func:`write_parallel` does the same with ``workers`` threads: since every tensor's file and byte
+offset are fixed by the declaration, each thread produces one tensor and ``pwrite``s it at its place
+(file reads, ``pwrite`` and torch copies release the GIL). Memory: ``workers`` tensors at a time.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -65,6 +71,20 @@ def _shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
     return shards
 
 
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes (no copy for a contiguous CPU tensor)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(data.numpy())
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (one call writes at most ~2 GB on Linux)."""
+    data = data.cast("B") if data.format != "B" else data
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 class ShardedSafetensorsWriter:
     """Write declared tensors, in declared order, into ``out_dir`` as sharded safetensors.
 
@@ -99,9 +119,8 @@ class ShardedSafetensorsWriter:
         self.progress = progress
         self.total_bytes = sum(s.nbytes for s in specs)
 
-    def _open_shard(self, si: int) -> None:
-        if self._fh is not None:
-            self._fh.close()
+    def _header(self, si: int) -> bytes:
+        """Shard ``si``'s 8-byte length + JSON header (padded to 8 bytes)."""
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for spec in self.shards[si]:
@@ -112,10 +131,65 @@ class ShardedSafetensorsWriter:
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+    def _open_shard(self, si: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
         self._fh = open(os.path.join(self.out_dir, self.files[si]), "wb")
-        self._fh.write(struct.pack("<Q", len(raw)))
-        self._fh.write(raw)
+        self._fh.write(self._header(si))
         self._shard = si
+
+    def write_parallel(self, produce: Callable[[str], torch.Tensor], workers: int = 1) -> str:
+        """Write every declared tensor, ``produce(name)`` giving its data, on ``workers`` threads;
+        then the index (returns its path). At most ``workers`` produced tensors are alive at once."""
+        if self._pos:
+            raise ConversionError("write_parallel after write(): use one or the other")
+        places = []  # (fd index, absolute offset, spec)
+        fds = []
+        try:
+            for si, shard in enumerate(self.shards):
+                header = self._header(si)
+                fd = os.open(os.path.join(self.out_dir, self.files[si]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                             0o644)
+                fds.append(fd)
+                _pwrite_all(fd, memoryview(header), 0)
+                offset = len(header)
+                for spec in shard:
+                    places.append((si, offset, spec))
+                    offset += spec.nbytes
+                os.ftruncate(fd, offset)
+            lock = threading.Lock()
+
+            def one(place) -> None:
+                si, offset, spec = place
+                tensor = produce(spec.name)
+                self._check(spec, spec.name, tensor)
+                _pwrite_all(fds[si], _as_bytes(tensor), offset)
+                del tensor
+                if self.progress is not None:
+                    with lock:
+                        self.progress.update(spec.nbytes)
+
+            if workers <= 1:
+                for place in places:
+                    one(place)
+            else:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="to_hf") as pool:
+                    for _ in pool.map(one, places):  # re-raises the first failure
+                        pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._pos = len(self._order)
+        return self.finish()
+
+    @staticmethod
+    def _check(spec: TensorSpec, name: str, tensor: torch.Tensor) -> None:
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ConversionError(
+                f"tensor '{name}': got {tuple(tensor.shape)} {tensor.dtype}, declared {spec.shape} {spec.dtype}"
+            )
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the next declared one, with the declared shape/dtype."""
@@ -124,14 +198,10 @@ class ShardedSafetensorsWriter:
         si, spec = self._order[self._pos]
         if name != spec.name:
             raise ConversionError(f"expected tensor '{spec.name}' next, got '{name}'")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ConversionError(
-                f"tensor '{name}': got {tuple(tensor.shape)} {tensor.dtype}, declared {spec.shape} {spec.dtype}"
-            )
+        self._check(spec, name, tensor)
         if si != self._shard:
             self._open_shard(si)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._fh.write(memoryview(data.numpy()))
+        self._fh.write(_as_bytes(tensor))
         self._pos += 1
         if self.progress is not None:
             self.progress.update(spec.nbytes)

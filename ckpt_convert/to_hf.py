@@ -1,11 +1,13 @@
 """Export a megatron-core torch_dist LongCat checkpoint to a Hugging Face model directory.
 
     python -m ckpt_convert.to_hf --load CKPT_DIR [--iteration N] --output HF_DIR \\
-        [--tokenizer DIR] [--dtype auto|bf16|fp16|fp32] [--max-shard-size 5GB] [--verify [--verify-layers K]]
+        [--tokenizer DIR] [--dtype auto|bf16|fp16|fp32] [--max-shard-size 5GB] [--workers N]
+        [--verify [--verify-layers K]]
 
-Runs on one CPU process with no process group, whatever TP/PP/EP/DP layout saved the checkpoint:
+Runs in one CPU process with no process group, whatever TP/PP/EP/DP layout saved the checkpoint:
 every tensor is assembled from the shards that hold it, one tensor (one expert) at a time, and
-streamed into sharded safetensors. The output appears only when complete (temporary directory +
+written into sharded safetensors at its precomputed offset by ``--workers`` threads (peak memory
+about ``workers`` x the largest tensor). The output appears only when complete (temporary directory +
 rename). See docs/convert.md.
 """
 
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ckpt_convert import ConversionError
+from ckpt_convert import ConversionError, default_workers
 from ckpt_convert.dcp_reader import TorchDistReader, resolve_checkpoint_dir
 from ckpt_convert.layout import CheckpointLocator, conversion_rules, zero_expert_hf_keys
 from ckpt_convert.output_dir import atomic_output_dir
@@ -136,7 +138,7 @@ def copy_tokenizer(src: str, out_dir: str) -> list[str]:
 def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenizer: Optional[str] = None,
             dtype: str = "auto", max_shard_size: str = "5GB", zero_expert_weights: bool = True,
             overwrite: bool = False, progress: bool = True, bos_token_id: int = 1,
-            eos_token_id: int = 2) -> dict:
+            eos_token_id: int = 2, workers: Optional[int] = None) -> dict:
     """Export; returns a summary (bytes, seconds, files). Raises ConversionError on bad input."""
     from tqdm import tqdm
 
@@ -160,21 +162,24 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="to_hf",
                    disable=not progress, file=sys.stderr)
+        # The config first: an unexportable model fails before any tensor is written.
+        write_hf_config(tmp, cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id, dtype=dtype_name)
         writer = ShardedSafetensorsWriter(tmp, [i.spec for i in items], parse_size(max_shard_size), bar,
                                           auxiliary=auxiliary)
+        produce = {i.spec.name: i.produce for i in items}
+        t_data = time.perf_counter()
         try:
-            for item in items:
-                writer.write(item.spec.name, item.produce())
-            writer.finish()
+            writer.write_parallel(lambda name: produce[name](), workers or default_workers())
         finally:
             writer.close()
             bar.close()
-        write_hf_config(tmp, cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id, dtype=dtype_name)
+        data_seconds = time.perf_counter() - t_data
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)
     seconds = time.perf_counter() - start
     return {"iteration": it, "bytes": total, "seconds": seconds, "tensors": len(items),
-            "files": len(writer.files), "output": os.path.abspath(output)}
+            "files": len(writer.files), "output": os.path.abspath(output),
+            "workers": workers or default_workers(), "data_seconds": data_seconds}
 
 
 def main(argv=None) -> int:
@@ -193,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="cast floating tensors (default: keep the checkpoint's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads reading and writing tensors in parallel (default: CPU count, at most "
+                        "8); peak memory is about this many times the largest tensor")
     p.add_argument("--no-zero-expert-weights", action="store_true",
                    help="plain models: omit the unused zero-expert gate/up tensors that transformers 5.x "
                         "LongcatFlashForCausalLM requires (gives Meituan's exact layout)")
@@ -213,14 +221,15 @@ def main(argv=None) -> int:
                           dtype=args.dtype, max_shard_size=args.max_shard_size,
                           zero_expert_weights=not args.no_zero_expert_weights, overwrite=args.overwrite,
                           progress=not args.no_progress, bos_token_id=args.bos_token_id,
-                          eos_token_id=args.eos_token_id)
+                          eos_token_id=args.eos_token_id, workers=args.workers)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gbs = summary["bytes"] / max(summary["seconds"], 1e-9) / 1e9
+    gbs = summary["bytes"] / max(summary["data_seconds"], 1e-9) / 1e9
     print(f"wrote {summary['tensors']} tensors ({summary['bytes'] / 1e9:.3f} GB, {summary['files']} "
           f"file(s)) from iteration {summary['iteration']} to {summary['output']} in "
-          f"{summary['seconds']:.1f}s ({gbs:.2f} GB/s)")
+          f"{summary['seconds']:.1f}s (tensor data {summary['data_seconds']:.1f}s: {gbs:.2f} GB/s, "
+          f"{summary['workers']} workers)")
     if args.verify:
         from ckpt_convert.verify import verify_export
 

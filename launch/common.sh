@@ -37,6 +37,7 @@
 #                    SLURM directly), so no launcher countdown runs during a preemption save
 #   MASTER_PORT      rendezvous port (default: 20000 + job id % 20000)
 #   EXTRA_LAUNCHER_ARGS  extra torchrun arguments (e.g. "--log-dir /tmp/tr")
+#   LONGCAT_LOG_DIR  per-rank log files and events.log (default: $CKPT_DIR/logs; see launch/rank.sh)
 
 lc_die() { echo "[launch] error: $*" >&2; exit 2; }
 lc_log() { echo "[launch] $*"; }
@@ -224,19 +225,20 @@ lc_failure_signature() {
 
 # --- the job -------------------------------------------------------------------------------------------
 lc_train_cmd() {  # the per-rank command (after torchrun)
-    LC_TRAIN=("$LONGCAT_ROOT/launch/rank.sh" "$PYTHON" -m longcat_megatron.train --config "$CONFIG"
+    LC_TRAIN=("$LONGCAT_ROOT/launch/rank.sh" "$PYTHON" -m longcat_megatron.train --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"}
               "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "${LC_RUNTIME_OVERRIDES[@]}" "$@")
 }
 
 lc_main() {
     lc_setup_env
+    export LONGCAT_RUN_DIR="${LONGCAT_RUN_DIR:-${LC_CKPT_DIR:-}}"  # per-rank logs + events (rank.sh)
     cd "$LONGCAT_ROOT" || lc_die "cannot cd to $LONGCAT_ROOT"
     [ -n "${CONFIG:-}" ] || lc_die "CONFIG is not set"
     [ -f "$CONFIG" ] || lc_die "config file '$CONFIG' does not exist (set CONFIG=...)"
     if [ "${1:-}" = --dry-run ]; then
         shift
         local nodes="${SLURM_JOB_NUM_NODES:-${NNODES:-1}}"
-        exec "$PYTHON" -m longcat_megatron.train --config "$CONFIG" --dry-run \
+        exec "$PYTHON" -m longcat_megatron.train --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"} --dry-run \
             --world-size $(( nodes * NPROC_PER_NODE )) "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "$@"
     fi
     lc_preflight "$@" || exit 2
@@ -259,7 +261,7 @@ lc_preflight() {
     [ "${LONGCAT_SKIP_PREFLIGHT:-0}" = 1 ] && return 0
     local nodes="${SLURM_JOB_NUM_NODES:-1}"
     [ -n "${LONGCAT_NO_SLURM:-}" ] && nodes=1
-    "$PYTHON" -W ignore -m longcat_megatron.train --config "$CONFIG" --dry-run \
+    "$PYTHON" -W ignore -m longcat_megatron.train --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"} --dry-run \
         --world-size $(( nodes * NPROC_PER_NODE )) "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "$@" \
         2>&1 | grep -v -i -E "warn|^\s*$" >&2
     local rc=${PIPESTATUS[0]}

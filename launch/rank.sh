@@ -10,10 +10,32 @@
 # them to the rank's process group as well; the python process handles both (save, then exit 75).
 # This shell must outlive python to write the marker: it ignores SIGUSR1 (python installs its own
 # handler over the inherited "ignore") and defers SIGTERM/SIGINT until python has exited.
+#
+# Logs: with LONGCAT_RUN_DIR set (launch/common.sh sets it to the stage's checkpoint directory),
+# rank 0 keeps the job log (stdout/stderr) and every other rank appends to its own file
+# $LONGCAT_LOG_DIR/rank-NNNNN.log (default LONGCAT_LOG_DIR=$LONGCAT_RUN_DIR/logs; shared storage
+# for multi-node jobs); rank 0 also appends one line per start and exit to events.log there, which
+# `python -m longcat_megatron.status RUN_DIR` reads (requeues, failures). LONGCAT_RANK_LOGS=0 keeps
+# every rank on the job log (torchrun interleaves them).
 trap '' USR1
 trap ':' TERM INT
+rank="${RANK:-0}"
+log_dir=""
+if [ -n "${LONGCAT_RUN_DIR:-}" ] && [ "${LONGCAT_RANK_LOGS:-1}" = 1 ]; then
+    log_dir="${LONGCAT_LOG_DIR:-$LONGCAT_RUN_DIR/logs}"
+    mkdir -p "$log_dir" 2>/dev/null || log_dir=""
+fi
+job="job=${SLURM_JOB_ID:-local} restart=${SLURM_RESTART_COUNT:-0} host=$(hostname -s 2>/dev/null || echo ?)"
+if [ -n "$log_dir" ] && [ "$rank" != 0 ]; then
+    exec >> "$log_dir/rank-$(printf %05d "$rank").log" 2>&1
+    echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) rank $rank $job ==="
+fi
+[ -n "$log_dir" ] && [ "$rank" = 0 ] && \
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) start $job world=${WORLD_SIZE:-1}" >> "$log_dir/events.log"
 "$@"
 rc=$?
+[ -n "$log_dir" ] && [ "$rank" = 0 ] && \
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) exit rc=$rc $job" >> "$log_dir/events.log"
 if [ "$rc" = 75 ] && [ -n "${LONGCAT_REQUEUE_MARKER:-}" ]; then
     : > "$LONGCAT_REQUEUE_MARKER"
 fi

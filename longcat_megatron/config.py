@@ -70,6 +70,9 @@ class TrainConfig:
     recompute: str = "none"
     # With "full": recompute only the first N layers of each pipeline chunk (None = all).
     recompute_num_layers: Optional[int] = None
+    # Step changes of the global batch at token thresholds: ["420B:2048"] or
+    # [{after_tokens: 420e9, global_batch_size: 2048}] (training/batch_schedule.py).
+    batch_schedule: list = field(default_factory=list)
 
 
 @dataclass
@@ -139,6 +142,9 @@ class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
     progress: bool = True
+    # Per-GPU dense peak TFLOP/s for the progress line's MFU (default: known from the GPU's name;
+    # unknown GPU or CPU: MFU not shown, TFLOP/s still is).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -405,6 +411,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.recompute_num_layers={t.recompute_num_layers} needs train.recompute=full and "
             "a value >= 1 (layers per pipeline chunk to recompute); remove it otherwise")
+    if t.batch_schedule:
+        from longcat_megatron.training.batch_schedule import check as check_batch_schedule
+
+        check_batch_schedule(t.global_batch_size, t.batch_schedule, t.micro_batch_size)
     if cfg.schedule.style not in ("cosine", "linear", "constant", "wsd"):
         raise ConfigError(
             f"schedule.style={cfg.schedule.style!r}: use cosine, linear, constant or wsd"

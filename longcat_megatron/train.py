@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--stage", default=None,
+                   help="stage file (configs/stages/*.yaml): its values override the config, the "
+                        "command line overrides both")
     p.add_argument("--dry-run", action="store_true",
                    help="validate config, data paths and parallel sizes, print the plan, do not train")
     p.add_argument("--world-size", type=int, default=None,
@@ -54,7 +57,12 @@ def main(argv=None) -> int:
 
     bad_input = (UserInputError,)
     try:
-        cfg = load_config(args.config, args.overrides)
+        stage = []
+        if args.stage:
+            from longcat_megatron.recipe import stage_overrides
+
+            stage = stage_overrides(args.stage)
+        cfg = load_config(args.config, stage + list(args.overrides))
     except bad_input as e:
         return _fail(str(e))
 
@@ -73,6 +81,11 @@ def main(argv=None) -> int:
         except bad_input as e:
             return _fail(str(e))
         print(f"  {data_ok}")
+        from longcat_megatron.recipe import describe_batch_schedule, print_labels
+
+        if describe_batch_schedule(cfg):
+            print(describe_batch_schedule(cfg))
+        print_labels([args.config] + ([args.stage] if args.stage else []), args.overrides)
         return 0
 
     from longcat_megatron.training.loop import train

@@ -231,18 +231,22 @@ def _dry_run(script: str, *args: str, **env) -> str:
 
 def test_pretrain_recipe_dry_run_derives_iterations_from_the_token_budget():
     out = _dry_run("launch/pretrain.sh", "data.mock=true", NNODES="32", NPROC_PER_NODE="8", LONGCAT_CPU="")
-    iters = math.ceil(11e12 / (1024 * 8192))
+    # Lite: 11T tokens, batch 1024 until 420B tokens, then 2048 (configs/stages/lite_pretrain.yaml)
+    first = math.ceil(420e9 / (1024 * 8192))
+    iters = first + math.ceil((11e12 - first * 1024 * 8192) / (2048 * 8192))
     assert "plan for 256 processes" in out
     assert f"tokens/step {1024 * 8192:,}; {iters:,} iterations" in out
+    assert "batch schedule: 1024, then 2048 from 420B tokens" in out and "iterations = 11,000." in out
     assert "config OK" in out
 
 
 def test_midtrain_recipe_dry_run_has_128k_yarn():
     # The recipe's CP=8 default plans: the LongCat MLA gathers its compressed keys over CP.
-    out = _dry_run("launch/midtrain.sh", "data.mock=true", NNODES="32", NPROC_PER_NODE="8", LONGCAT_CPU="")
+    out = _dry_run("launch/midtrain.sh", "data.mock=true", NNODES="32", NPROC_PER_NODE="8", LONGCAT_CPU="",
+                   STAGE="128k")
     assert "plan for 256 processes" in out
     assert "CP8" in out and "(seq 131072)" in out
-    assert f"{math.ceil(1.5e12 / (64 * 131072)):,} iterations" in out
+    assert f"{math.ceil(0.3e12 / (64 * 131072)):,} iterations" in out  # the 128k share of Lite's 1.5T (a guess)
     assert "config OK" in out
 
 

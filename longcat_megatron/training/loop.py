@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from longcat_megatron import runtime
 from longcat_megatron.config import RunConfig, save_config
+from longcat_megatron.training import batch_schedule
 from longcat_megatron.training import checkpointing as ckpt
 from longcat_megatron.training.checkpoint_lock import lock_save_dir
 from longcat_megatron.training.faults import install_failure_recorder, maybe_inject, note_progress
@@ -151,7 +152,8 @@ def _build_iterators(cfg: RunConfig, layout: runtime.Layout, consumed: int):
     from longcat_megatron.data import pretrain
 
     t = cfg.train
-    train_samples = t.train_iters * t.global_batch_size
+    train_samples = batch_schedule.samples_for_iterations(t.train_iters, t.global_batch_size,
+                                                          t.batch_schedule, cfg.data.seq_length)
     # The same validation samples at every evaluation, so the curve compares like with like.
     eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     builder = pretrain.build_pretrain_iterators
@@ -216,8 +218,8 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             f"({t.micro_batch_size}) x data-parallel size ({layout.data})"
         )
     num_micro = t.global_batch_size // (t.micro_batch_size * layout.data)
+    batches = batch_schedule.check(t.global_batch_size, t.batch_schedule, t.micro_batch_size, layout.data)
     rank = dist.get_rank()
-    last_rank = dist.get_world_size() - 1
 
     model = build_model(cfg, layout)
     optimizer = build_optimizer(cfg, model)
@@ -235,14 +237,23 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     save_dir_lock = lock_save_dir(save_dir)  # one run per checkpoint directory
     # Resubmitting the same job resumes it; checkpoint.load only seeds a stage until it has its own.
     load_dir, own_checkpoint = ckpt.resume_source(c.save, c.load)
-    log = ProgressLogger(rank == last_rank, t.train_iters, t.global_batch_size * cfg.data.seq_length,
-                         cfg.logging.tensorboard_dir, cfg.logging.log_interval)
+    # Rank 0 writes the progress line (the job log; other ranks log to their own files): the loss
+    # and grad norm are global; the model's progress/* figures are those of rank 0's stage.
+    from longcat_megatron.model.flops import training_flops_per_token
+    from longcat_megatron.training.progress import device_peak_tflops
+
+    log = ProgressLogger(rank == 0, t.train_iters, t.global_batch_size * cfg.data.seq_length,
+                         cfg.logging.tensorboard_dir, cfg.logging.log_interval,
+                         flops_per_token=partial(training_flops_per_token, cfg.model, cfg.data.seq_length),
+                         world_size=dist.get_world_size(),
+                         peak_tflops=cfg.logging.peak_tflops or device_peak_tflops())
     boot = ProgressLogger(rank == 0, t.train_iters, 0)
     boot.print(startup_block(cfg, layout, parameters_on_rank(model), load_dir, save_dir))
 
     from longcat_megatron.data import pretrain
 
-    train_samples = t.train_iters * t.global_batch_size
+    train_samples = batch_schedule.samples_for_iterations(t.train_iters, t.global_batch_size,
+                                                          t.batch_schedule, cfg.data.seq_length)
     fingerprint = pretrain.dataset_fingerprint(cfg.data, seed=t.seed, train_samples=train_samples)
     state = ckpt.TrainState()
     result = TrainResult(iteration=0)
@@ -320,7 +331,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         return path
 
     end_iter = t.train_iters if not t.exit_interval else min(t.train_iters, t.exit_interval)
-    log.start(state.iteration)
+    log.start(state.iteration, state.consumed_train_samples * cfg.data.seq_length)
     last_saved = state.iteration if result.resumed_from is not None else None
     install_failure_recorder()
     watchdog = HangWatchdog(t.hang_timeout_mins, os.environ.get("LONGCAT_LOG_DIR") or save_dir or ".",
@@ -331,11 +342,13 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
+        step_batch = batch_schedule.batch_at(state.consumed_train_samples, cfg.data.seq_length,
+                                             t.global_batch_size, batches)
         reports = forward_backward(
             forward_step_func=forward_step,
             data_iterator=data_iterator,
             model=model if len(model) > 1 else model[0],
-            num_microbatches=num_micro,
+            num_microbatches=step_batch // (t.micro_batch_size * layout.data),
             seq_length=cfg.data.seq_length,
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
@@ -346,7 +359,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         for hook in model_hook(model, "on_train_step_end"):
             hook(state.iteration + 1)
         state.iteration += 1
-        state.consumed_train_samples += t.global_batch_size
+        state.consumed_train_samples += step_batch
         note_progress(state.iteration)
         watchdog.beat(state.iteration)
         loss = _global_loss(reports)
@@ -355,7 +368,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         lr = optimizer.param_groups[0]["lr"]
         result.lrs[state.iteration] = lr
         log.step(state.iteration, {"loss": loss, "lr": lr, "grad_norm": result.grad_norms[state.iteration]},
-                 _metrics(model))
+                 _metrics(model), tokens=state.consumed_train_samples * cfg.data.seq_length)
         if t.eval_interval and state.iteration % t.eval_interval == 0:
             val = evaluate(model, valid_factory, cfg, num_micro)
             if val is not None:
@@ -373,7 +386,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         if save_dir and c.save_interval and state.iteration % c.save_interval == 0:
             result.checkpoint = save()
             last_saved = state.iteration
-            log.start(state.iteration)  # keep save time out of the next step's throughput
+            log.start(state.iteration, state.consumed_train_samples * cfg.data.seq_length)  # keep save time out of the next step's throughput
             watchdog.beat()
         if reason:
             boot.print(f"[stop] {reason} received: saving and exiting for requeue")
