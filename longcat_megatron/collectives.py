@@ -20,35 +20,18 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-_CPU_GROUP: Optional[Any] = None
+def cpu_group():
+    """The gloo group over all ranks for object collectives (``all_gather_object`` and friends);
+    created by :func:`longcat_megatron.runtime.init_distributed`."""
+    from longcat_megatron import runtime
 
-
-def init_cpu_group() -> None:
-    """Create the gloo group for object collectives (collective: every rank calls it once, right
-    after ``init_process_group``). Under gloo the default group already is one."""
-    global _CPU_GROUP
-    if dist.get_backend() == "gloo":
-        _CPU_GROUP = dist.GroupMember.WORLD
-    else:
-        _CPU_GROUP = dist.new_group(backend="gloo")
-
-
-def reset() -> None:
-    """Forget the gloo group (the process group it belongs to is being destroyed)."""
-    global _CPU_GROUP
-    _CPU_GROUP = None
+    return runtime.cpu_group()
 
 
 def has_cpu_group() -> bool:
-    return _CPU_GROUP is not None
+    from longcat_megatron import runtime
 
-
-def cpu_group():
-    """The gloo group over all ranks for object collectives (``all_gather_object`` and friends)."""
-    if _CPU_GROUP is None:
-        raise RuntimeError("collectives.cpu_group(): torch.distributed was not initialised through "
-                           "longcat_megatron.runtime.init_distributed, which creates the gloo group")
-    return _CPU_GROUP
+    return runtime.has_cpu_group()
 
 
 def device_for(group=None) -> torch.device:

@@ -66,7 +66,7 @@ def test_control_plane_tensors_reach_the_accelerator_under_fake_nccl(monkeypatch
 
     # Object collectives go to the gloo group.
     groups = []
-    monkeypatch.setattr(collectives, "_CPU_GROUP", "gloo-group")
+    monkeypatch.setattr(runtime, "_CPU_GROUP", "gloo-group")
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: groups.append(group))
     monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src=0, group=None: groups.append(group))
