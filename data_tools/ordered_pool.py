@@ -74,6 +74,9 @@ class OrderedPool:
         if self._executor is None:
             return
         self._processes.update(getattr(self._executor, "_processes", None) or {})
+        # A stop (Ctrl-C) inside the first submit can leave a worker that the executor never
+        # recorded; still starting, it would print an EOFError traceback once we are gone.
+        self._processes.update({p.pid: p for p in mp.active_children()})
         for p in self._processes.values():
             if p.is_alive():
                 p.terminate()

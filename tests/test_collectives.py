@@ -80,6 +80,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Project files allowed to call torch.distributed tensor collectives directly: the helper itself,
 # the N-gram lookup's all-to-all on activations (model tensors), the CPU adaptations (CPU only).
 DIRECT_CALLERS = {"longcat_megatron/collectives.py", "longcat_megatron/model/ngram_embedding.py",
+                  "longcat_megatron/model/async_all_to_all.py",  # data plane: routed tokens
                   "longcat_megatron/cpu_compat.py"}
 TENSOR_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
               "all_to_all_single", "broadcast", "reduce", "send", "recv", "isend", "irecv")

@@ -19,20 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 2  # <|endoftext|> in the tiny tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tiny"))
-    build_tiny_corpus(out, vocab_size=512, max_mb=0.25)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(os.path.join(tiny, "tokenizer", "tokenizer.json"))
-
-
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,

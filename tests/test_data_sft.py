@@ -12,7 +12,6 @@ import torch
 
 from data_tools.chat_format import HFChatTemplate, tokenize_hf, tokenize_longcat
 from data_tools.sft import preprocess_sft
-from data_tools.tiny_corpus import build_tiny_corpus
 from longcat_megatron.data.config import DataConfig
 from longcat_megatron.data.sft import build_sft_iterators
 
@@ -35,20 +34,6 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tiny"))
-    build_tiny_corpus(out, vocab_size=512, max_mb=0.25)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(os.path.join(tiny, "tokenizer", "tokenizer.json"))
 
 
 def masked_runs(ids, mask):

@@ -136,6 +136,7 @@ def _lite(**parallel):
     from longcat_megatron.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", "longcat_flash_lite.yaml"), ["data.mock=true"])
+    parallel = {"expert": 8, **parallel}  # the figures below are for EP8 on 256 ranks (the config: EP64)
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)  # expert_tensor may predate its config field
     return cfg

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from longcat_megatron import runtime
+from longcat_megatron import collectives
 from longcat_megatron.errors import UserInputError
 
 MANIFEST = "checksums.json"
@@ -194,9 +194,7 @@ def verify_checkpoint(path: str) -> list[str]:
     for i in range(rank, len(names), world):
         codes[i] = _check_file(os.path.join(path, names[i]), manifest["files"][names[i]])
     if dist.is_initialized() and world > 1:
-        codes = codes.to(runtime.device())
-        dist.all_reduce(codes, op=dist.ReduceOp.MAX)
-        codes = codes.cpu()
+        codes = collectives.all_reduce(codes, op=dist.ReduceOp.MAX)
     what = {_MISSING: "missing", _TRUNCATED: "truncated", _SIZE: "size differs from the recorded one",
             _DIGEST: "content does not match its SHA-256 digest"}
     problems = []

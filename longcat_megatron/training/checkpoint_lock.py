@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from longcat_megatron import runtime
+from longcat_megatron import collectives
 from longcat_megatron.errors import UserInputError
 
 LOCK_NAME = ".lock"
@@ -83,8 +83,7 @@ def lock_save_dir(root: Optional[str]) -> SaveDirLock:
         fd, holder = _try_lock(root)
     flag = torch.tensor([0 if (rank != 0 or fd is not None) else 1], dtype=torch.int32)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.to(runtime.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = collectives.all_reduce(flag, op=dist.ReduceOp.MAX)
     if int(flag.item()):
         who = holder if rank == 0 else "see rank 0's message for the holder"
         raise CheckpointDirLocked(

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from longcat_megatron import collectives
 from longcat_megatron.errors import UserInputError
 from longcat_megatron.training import checkpoint_integrity as integrity
 from longcat_megatron.training.faults import maybe_inject
@@ -340,10 +341,7 @@ def _parallel_strategy(action: str, fully_parallel: bool, path: Optional[str] = 
 def _sum_over_ranks(value: int) -> int:
     total = torch.tensor([value], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        from longcat_megatron import runtime
-
-        total = total.to(runtime.device())
-        dist.all_reduce(total)
+        total = collectives.all_reduce(total)
     return int(total.item())
 
 
@@ -351,10 +349,7 @@ def _agree(problem: Optional[Exception], elsewhere: str) -> None:
     """Collective: raise ``problem`` here, or a pointer to the rank that had one, on every rank."""
     flag = torch.tensor([1 if problem is not None else 0], dtype=torch.int32)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        from longcat_megatron import runtime
-
-        flag = flag.to(runtime.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = collectives.all_reduce(flag, op=dist.ReduceOp.MAX)
     if problem is not None:
         raise problem
     if int(flag.item()):
