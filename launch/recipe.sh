@@ -6,7 +6,7 @@
 #   bash launch/recipe.sh [--print] RUN_DIR [STAGE ... [-- STAGE ...]]
 #   STAGE = NAME SCRIPT [VAR=VALUE ...] [section.field=value ...]
 #
-#   bash launch/recipe.sh /shared/runs/lite                    # pretrain -> midtrain -> sft (defaults)
+#   bash launch/recipe.sh /shared/runs/lite                    # pretrain -> midtrain 32k -> 128k -> sft (defaults)
 #   bash launch/recipe.sh /shared/runs/lite pretrain launch/pretrain.sh TOKEN_BUDGET=1e12 \
 #        -- midtrain launch/midtrain.sh FRESH_OPTIMIZER=0 LR=1e-4 -- sft launch/sft.sh
 #
@@ -29,7 +29,8 @@ if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN_DIR="$(mkdir -p "$1" && cd "$1" && pwd)"; shift
-[ $# -gt 0 ] || set -- pretrain launch/pretrain.sh -- midtrain launch/midtrain.sh -- sft launch/sft.sh
+[ $# -gt 0 ] || set -- pretrain launch/pretrain.sh -- midtrain-32k launch/midtrain.sh STAGE=32k \
+    -- midtrain-128k launch/midtrain.sh STAGE=128k -- sft launch/sft.sh
 NAME="${RECIPE_NAME:-$(basename "$RUN_DIR")}"
 mkdir -p "$RUN_DIR/logs"
 cd "$ROOT"   # the jobs find the code through $SLURM_SUBMIT_DIR
