@@ -370,12 +370,6 @@ def validate(cfg: RunConfig) -> None:
                     "over the context-parallel group yet; set model.device_lb_loss_coeff=0 or "
                     "parallel.context=1"
                 )
-            if p.sequence_parallel and cfg.data.seq_length % (p.context * p.tensor):
-                raise ConfigError(
-                    f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.context "
-                    f"x parallel.tensor = {p.context * p.tensor} (each rank's CP share is split "
-                    "over the tensor-parallel ranks under sequence parallelism)"
-                )
         else:
             from longcat_megatron.mcore_fixes import have_transformer_engine
 
