@@ -42,7 +42,7 @@ INIT_FROM="${INIT_FROM:-checkpoints/${MODEL:-lite}-midtrain-128k}"
 FRESH_OPTIMIZER="${FRESH_OPTIMIZER:-1}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-200}"
 DATA_PATHS="${SFT_DATA_PATHS:-${DATA_PATHS:-}}"
-SFT_DATA_FLAGS="${SFT_DATA_FLAGS:-data.sft=true data.reset_position_ids=true}"  # used without a stage file
+SFT_DATA_FLAGS="${SFT_DATA_FLAGS:-data.sft=true data.reset_position_ids=true data.reset_attention_mask=true}"  # used without a stage file
 lc_stage sft cosine ""
 # shellcheck disable=SC2206  # word-splitting the flag list is intended
 [ -z "$STAGE_FILE" ] && [ -n "$SFT_DATA_FLAGS" ] && STAGE_OVERRIDES+=($SFT_DATA_FLAGS)

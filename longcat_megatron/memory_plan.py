@@ -195,11 +195,6 @@ def activation_bytes(cfg, sh: Sharding, *, backend=None, recompute=None, num_mic
         # fp32 upcast of the logits while the loss runs
         out["LM head + loss"] = (p + 8) * m.vocab_size / sh.tensor * tokens * heads_out
         out["MTP head"] = mtp_activation(m, seq, mbs, sh, p, backend, recompute)
-    if getattr(cfg.data, "reset_attention_mask", False):
-        # dense per-sample document mask [b, 1, s/CP, s] (bool) and, with sdpa, the additive
-        # float copy its fused kernels take (kept for backward)
-        out["document mask (dense s x s)"] = (1 + (p if backend == "sdpa" else 0)) \
-            * tokens * seq * inflight
     if backend == "eager" and recompute != "selective":
         # softmax backward: gradients of the probabilities and of the scores, fp32, one attention
         out["eager softmax backward (transient)"] = \

@@ -18,6 +18,7 @@ from longcat_megatron.data.horizon import sample_horizon
 from longcat_megatron.data.indexed_files import IndexedDataError
 from longcat_megatron.data.pretrain import build_pretrain_iterators, check_fingerprint, dataset_fingerprint
 from longcat_megatron.data.sampler import SamplerError
+from longcat_megatron.model.document_mask import DocumentMask
 from tests.harness import run_distributed
 
 EOD = 1
@@ -67,14 +68,17 @@ def global_order(per_rank: list[list[dict]]) -> dict:
     out = {}
     for key in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask"):
         chunks = [per_rank[r][step][key] for step in range(len(per_rank[0])) for r in range(len(per_rank))]
-        out[key] = torch.cat(chunks) if chunks[0] is not None else None
+        if isinstance(chunks[0], DocumentMask):
+            out[key] = DocumentMask(sum((c.starts for c in chunks), ()), chunks[0].seq_length)
+        else:
+            out[key] = torch.cat(chunks) if chunks[0] is not None else None
     return out
 
 
 def assert_same(x: dict, y: dict) -> None:
     for key in x:
-        if x[key] is None:
-            assert y[key] is None, key
+        if x[key] is None or isinstance(x[key], DocumentMask):
+            assert y[key] == x[key], key
         else:
             assert torch.equal(x[key], y[key]), key
 
@@ -85,11 +89,16 @@ def test_resume_and_dp_change_keep_global_order(blend):
     straight = global_order([collect(cfg, consumed=0, n=8, dp_rank=r, dp_size=2) for r in range(2)])
     first = global_order([collect(cfg, consumed=0, n=4, dp_rank=r, dp_size=2) for r in range(2)])
     resumed = global_order([collect(cfg, consumed=16, n=4, dp_rank=r, dp_size=2) for r in range(2)])
-    halves = {k: None if first[k] is None else torch.cat([first[k], resumed[k]]) for k in first}
+    halves = {k: None if first[k] is None else torch.cat([first[k], resumed[k]]) for k in first
+              if k != "attention_mask"}
+    halves["attention_mask"] = DocumentMask(first["attention_mask"].starts
+                                            + resumed["attention_mask"].starts, SEQ)
     assert_same(straight, halves)
     # Resume the second half on dp=1 (same global batch size 8).
     dp1 = global_order([collect(cfg, consumed=16, n=8, dp_rank=0, dp_size=1)])
-    assert_same({k: None if v is None else v[16:] for k, v in straight.items()}, dp1)
+    tail = {k: v[16:] for k, v in straight.items() if k != "attention_mask"}
+    tail["attention_mask"] = DocumentMask(straight["attention_mask"].starts[16:], SEQ)
+    assert_same(tail, dp1)
     # The blend really mixes both datasets (token ranges differ) and samples are not all alike.
     toks = straight["tokens"]
     assert ((toks >= 10) & (toks < 210)).any() and (toks >= 300).any()
@@ -100,10 +109,17 @@ def test_batch_contents_respect_documents(blend):
     cfg = cfg_for(blend)
     batch = collect(cfg, consumed=0, n=1, dp_rank=0, dp_size=1, mbs=4, gbs=4)[0]
     assert batch["tokens"].shape == (4, SEQ) and batch["tokens"].dtype == torch.int64
-    assert batch["loss_mask"].dtype == torch.float32 and batch["attention_mask"].dtype == torch.bool
-    assert batch["attention_mask"].shape == (4, 1, SEQ, SEQ)
+    assert batch["loss_mask"].dtype == torch.float32
+    documents = batch["attention_mask"]
+    assert isinstance(documents, DocumentMask) and documents.batch_size == 4
     assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
-    for tokens, pos, mask in zip(batch["tokens"], batch["position_ids"], batch["attention_mask"][:, 0]):
+    # The same mask as megatron-core's dense reset_attention_mask of these tokens.
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    for tokens, dense in zip(batch["tokens"], documents.dense()):
+        megatron_mask = _get_ltor_masks_and_position_ids(tokens, EOD, True, True, False, True)[0]
+        assert torch.equal(megatron_mask.bool(), dense)
+    for tokens, pos, mask in zip(batch["tokens"], batch["position_ids"], documents.dense()[:, 0]):
         doc = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), (tokens[:-1] == EOD).long()]), 0)
         for i in range(SEQ):
             start = int((doc == doc[i]).nonzero()[0])
@@ -195,7 +211,8 @@ def test_distributed_build_matches_single_process(blend, tmp_path):
 
 
 def test_long_context_samples_reset_positions_without_dense_mask():
-    """128k mid-training shape: full-length samples, positions restart per document, no [s, s] mask."""
+    """128k mid-training shape: full-length samples, positions restart per document, no [s, s]
+    mask; document masking comes as document starts (a DocumentMask)."""
     seq = 131072
     cfg = DataConfig(mock=True, seq_length=seq, reset_position_ids=True, mock_vocab_size=64)
     batch = collect(cfg, consumed=0, n=1, dp_rank=0, dp_size=1, mbs=1, gbs=1, train_samples=2)[0]
@@ -203,5 +220,8 @@ def test_long_context_samples_reset_positions_without_dense_mask():
     tokens, pos = batch["tokens"][0], batch["position_ids"][0]
     after_eod = torch.nonzero(tokens[:-1] == cfg.eod_token_id).flatten() + 1
     assert len(after_eod) > 1 and bool((pos[after_eod] == 0).all())
-    with pytest.raises(Exception, match="reset_attention_mask"):
-        DataConfig(mock=True, seq_length=seq, reset_attention_mask=True).validate()
+    masked = DataConfig(mock=True, seq_length=seq, reset_position_ids=True, reset_attention_mask=True,
+                        mock_vocab_size=64)
+    masked.validate()
+    batch = collect(masked, consumed=0, n=1, dp_rank=0, dp_size=1, mbs=1, gbs=1, train_samples=2)[0]
+    assert batch["attention_mask"] == DocumentMask.from_starts([[0] + after_eod.tolist()], seq)

@@ -141,7 +141,7 @@ def test_packed_conversations_never_see_each_other(sft_data, tokenizer):
     packed_several = False
     for b in batches:
         for tokens, labels, loss, pos, mask in zip(b["tokens"], b["labels"], b["loss_mask"], b["position_ids"],
-                                                   b["attention_mask"][:, 0]):
+                                                   b["attention_mask"].dense()[:, 0]):
             full = tokens.tolist() + [labels[-1].item()]
             lengths = next(v for k, v in packs.items() if tuple(full[: len(k)]) == k)
             packed_several |= len(lengths) >= 2
@@ -172,6 +172,27 @@ def test_sft_resume_and_dp_change(sft_data):
     masks = [take(cfg, consumed=8, n=1, dp_rank=0, dp_size=2)[0]["loss_mask"],
              take(cfg, consumed=0, n=3, dp_rank=0, dp_size=2)[2]["loss_mask"]]
     assert torch.equal(masks[0], masks[1])
+
+
+def test_128k_packs_keep_conversations_apart_without_a_dense_mask():
+    """SFT packed to 128k (the recipes' length): every tensor of the sample is O(s), and the
+    document starts are the conversations' (and the padding's) first positions."""
+    import numpy as np
+
+    from longcat_megatron.data.pretrain import collate
+    from longcat_megatron.data.sft import pack_to_sample
+
+    seq = 131072
+    lengths = np.array([40000, 3, 70000, 17])                 # 110,020 tokens, then padding
+    ids = np.arange(lengths.sum()) % 97 + 3
+    sample = pack_to_sample(ids, np.ones_like(ids), lengths, seq, True, True)
+    assert max(v.numel() for v in sample.values()) <= seq + 1
+    batch = collate([sample])
+    assert batch["attention_mask"].starts == ((0, 40000, 40003, 110003, 110020),)
+    assert batch["position_ids"][0, 110003] == 0 and batch["position_ids"][0, 110019] == 16
+    one = np.arange(seq + 1) % 97 + 3                        # one conversation fills the sample
+    full = pack_to_sample(one, np.ones(seq + 1), np.array([seq + 1]), seq, True, True)
+    assert collate([full])["attention_mask"].starts == ((0,),)
 
 
 def test_mismatched_mask_dataset_is_a_clear_error(sft_data, tmp_path):

@@ -3,6 +3,11 @@ scores) on logits and every gradient (max error / max reference value; fp32, 1e-
 and at CP=2; and SDPA
 really avoids the ``s x s`` score tensor (MLA's q·k head dim differs from its v head dim, which
 would send torch to the math fallback if v were not padded).
+
+Packed documents as a ``DocumentMask`` (document starts, no dense mask): equal to the dense mask it
+stands for (both backends, one layout for every sample or one per sample, logits and gradients),
+each document's logits equal that document run alone (positions restarted), and no tensor of
+``s x s`` elements appears.
 """
 
 import pytest
@@ -89,9 +94,53 @@ PROBE_SEQ = 256
 
 def _all_checks():
     """Everything in one pair of processes (start-up dominates): CP=2, then CP=1 (each rank
-    alone on the whole sequence), then the score-matrix probe."""
+    alone on the whole sequence), then the score-matrix probe, then the document masks."""
     return {"cp2": _compare_backends(2, CASES), "cp1": _compare_backends(1, CASES),
-            "probe": _largest_attention_tensors(PROBE_SEQ)}
+            "probe": _largest_attention_tensors(PROBE_SEQ), "documents": _document_checks()}
+
+
+def _document_checks():
+    """Per backend and layout: worst relative difference of DocumentMask vs its dense mask
+    (logits, gradients), and of each document's logits vs that document alone."""
+    import torch
+
+    from longcat_megatron import runtime
+    from longcat_megatron.model.document_mask import DocumentMask
+    from longcat_megatron.model.factory import transformer_config
+    from longcat_megatron.model.longcat import build_longcat_chunk
+
+    runtime.initialize(seed=21)
+    batch = _batch(False)
+    layouts = {"per_sample": DocumentMask.from_eod(batch["tokens"], EOS),
+               "shared": DocumentMask.from_starts([[0, 6, 7, 12]] * BATCH, SEQ)}
+    assert not layouts["per_sample"].same_for_every_sample and len(layouts["per_sample"].starts[0]) > 1
+    out = {}
+    for backend in ("sdpa", "eager"):
+        cfg = tiny_config(**AUX, attention_backend=backend)
+        model = build_longcat_chunk(cfg, transformer_config(cfg), pre_process=True, post_process=True)
+        for layout, documents in layouts.items():
+            pos = torch.arange(SEQ)[None].repeat(BATCH, 1)
+            for i, starts in enumerate(documents.starts):      # positions restart per document
+                for start, end in zip(starts, starts[1:] + (SEQ,)):
+                    pos[i, start:end] = torch.arange(end - start)
+            case = {**batch, "position_ids": pos}
+            ref_logits, ref_grads = _logits_and_grads(model, {**case, "attention_mask": documents.dense()})
+            logits, grads = _logits_and_grads(model, {**case, "attention_mask": documents})
+            scale = max(float(g.abs().max()) for g in ref_grads.values())
+            alone = 0.0
+            model.eval()
+            with torch.no_grad():
+                for i, starts in enumerate(documents.starts):
+                    for start, end in zip(starts, starts[1:] + (SEQ,)):
+                        one = model(batch["tokens"][i:i + 1, start:end],
+                                    torch.arange(end - start)[None], None)
+                        alone = max(alone, float((one[0] - logits[i, start:end]).abs().max()))
+            out[backend, layout] = dict(
+                logits=float((logits - ref_logits).abs().max() / ref_logits.abs().max()),
+                grads=max(float((grads[k] - g).abs().max()) for k, g in ref_grads.items()) / scale,
+                alone=alone / float(ref_logits.abs().max()), same_keys=set(grads) == set(ref_grads))
+    out["largest"] = _largest_attention_tensors(PROBE_SEQ, [0, PROBE_SEQ // 4])
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +156,15 @@ def test_sdpa_equals_eager(checks, context):
             assert logits < 1e-6 and grads < 1e-6, (name, logits, grads)
 
 
-def _largest_attention_tensors(seq: int):
-    """Per backend: largest tensor (elements) any op creates in one MLA block's fwd + bwd."""
+def _largest_attention_tensors(seq: int, document_starts=None):
+    """Per backend: largest tensor (elements) any op creates in one MLA block's fwd + bwd (with a
+    ``DocumentMask`` of these starts when given)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from longcat_megatron import runtime
     from longcat_megatron.model.attention import LongcatMLA
+    from longcat_megatron.model.document_mask import DocumentMask
     from longcat_megatron.model.factory import transformer_config
     from longcat_megatron.model.rotary import InterleavedRotary
 
@@ -134,12 +185,13 @@ def _largest_attention_tensors(seq: int):
     mla = LongcatMLA(cfg, transformer_config(cfg)).train()
     x = torch.randn(seq, 1, cfg.hidden_size, requires_grad=True)
     rotary = InterleavedRotary(cfg).angles(torch.arange(seq)[None], x.dtype)
+    mask = None if document_starts is None else DocumentMask.from_starts([document_starts], seq)
     out = {}
     for backend in ("sdpa", "eager"):
         cfg.attention_backend = backend
         probe = Largest()
         with probe:
-            mla(x, rotary).sum().backward()
+            mla(x, rotary, mask).sum().backward()
         out[backend] = (probe.numel, probe.op)
     return out, cfg.num_attention_heads
 
@@ -150,6 +202,25 @@ def test_sdpa_builds_no_score_matrix(checks):
     (sdpa, sdpa_op), (eager, _) = largest["sdpa"], largest["eager"]
     print(f"largest tensor at s={seq}: sdpa {sdpa} ({sdpa_op}), eager {eager}, s*s = {seq * seq}")
     assert eager >= heads * seq * seq          # the probe sees a score matrix when there is one
+    assert sdpa < seq * seq, sdpa_op
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared"])
+def test_document_mask_equals_dense_mask_and_documents_alone(checks, backend, layout):
+    for rank, result in enumerate(checks):
+        r = result["documents"][backend, layout]
+        print(f"rank {rank} {backend} {layout}: {r}")
+        assert r["same_keys"]
+        assert r["logits"] < 1e-6 and r["grads"] < 1e-6 and r["alone"] < 1e-5, r
+
+
+def test_document_mask_builds_no_dense_mask_or_score_matrix(checks):
+    seq = PROBE_SEQ
+    (largest, heads) = checks[0]["documents"]["largest"]
+    (sdpa, sdpa_op), (eager, _) = largest["sdpa"], largest["eager"]
+    print(f"documents [0, {seq // 4}) + [{seq // 4}, {seq}): largest sdpa {sdpa} ({sdpa_op}), eager {eager}")
+    assert eager >= heads * (3 * seq // 4) ** 2     # the probe sees the last document's scores
     assert sdpa < seq * seq, sdpa_op
 
 

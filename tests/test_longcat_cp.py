@@ -6,8 +6,8 @@ and sums the gradients over CP (what megatron DDP does with ``calculate_per_toke
 loop's setting). Compared with the single-process run: logits (gathered back into global order),
 the token-sum loss (with MTP, hidden z-loss) and the gradient of every parameter, 1e-5 relative.
 Cases: plain embedding + MTP + z-loss (token-sum and megatron's mean loss units); the N-gram
-Embedding (its ids gathered over CP); YaRN with a dense document mask and per-document position
-ids; the first two also at CP2 x TP2 + SP (4 processes). Then the training loop at
+Embedding (its ids gathered over CP); YaRN with per-document position ids and a dense document
+mask, or the same documents as a ``DocumentMask`` (document starts, kept whole over CP); the first two also at CP2 x TP2 + SP (4 processes). Then the training loop at
 parallel.context=2 against parallel.context=1 (same global batch), and the LB-loss refusal.
 """
 
@@ -21,7 +21,7 @@ from tests.train_utils import ROOT, run_training
 
 SEQ, BATCH, EOS = 16, 2, 2
 AUX = dict(mtp_num_layers=1, z_loss_coeff=1e-3, budget_target_ffn_experts=2.0)
-CASES = ["mtp", "mtp_mean_loss", "ngram", "yarn_docmask"]
+CASES = ["mtp", "mtp_mean_loss", "ngram", "yarn_docmask", "yarn_documents"]
 
 
 def _overrides(case):
@@ -31,7 +31,7 @@ def _overrides(case):
         ngram = NgramConfig(ngram_vocab_size_ratio=3.3, emb_neighbor_num=3, emb_split_num=2,
                             eos_token_id=EOS)
         return {**AUX, "ngram": ngram}
-    if case == "yarn_docmask":
+    if case in ("yarn_docmask", "yarn_documents"):
         return {**AUX, **YARN}
     return dict(AUX)
 
@@ -47,7 +47,7 @@ def _batch(case):
     tokens, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     pos = torch.arange(SEQ)[None].expand(BATCH, -1).clone()
     batch = {"tokens": tokens, "labels": labels, "position_ids": pos}
-    if case == "yarn_docmask":
+    if case in ("yarn_docmask", "yarn_documents"):
         # Documents end with EOS: positions restart and attention stays inside each document.
         doc = torch.zeros(BATCH, SEQ, dtype=torch.long)
         doc[:, 1:] = (tokens[:, :-1] == EOS).long().cumsum(1)
@@ -58,6 +58,11 @@ def _batch(case):
         causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
         allowed = causal[None] & (doc[:, :, None] == doc[:, None, :])
         batch["attention_mask"] = (~allowed)[:, None]                # [b, 1, s, s], True = masked
+        if case == "yarn_documents":
+            from longcat_megatron.model.document_mask import DocumentMask
+
+            batch["attention_mask"] = DocumentMask.from_eod(tokens, EOS)
+            assert torch.equal(batch["attention_mask"].dense(), (~allowed)[:, None])
     return batch
 
 
@@ -133,11 +138,10 @@ def _context_parallel(reference, tensor, cases):
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     from longcat_megatron import runtime
     from longcat_megatron.model import parallel_slicing
     from longcat_megatron.model.attention import gather_sequence_over_cp
+    from longcat_megatron.training.loop import batch_on_this_cp_rank
 
     refs = unpack(reference)
     runtime.initialize(context=2, tensor=tensor)
@@ -147,7 +151,7 @@ def _context_parallel(reference, tensor, cases):
         full, ref_logits, ref_loss, ref_grads, ref_aux = refs[case]
         model, tf = _model(case, 2, tensor)
         parallel_slicing.load_full_state_dict(model, full)
-        batch = get_batch_on_this_cp_rank(_batch(case))
+        batch = batch_on_this_cp_rank(_batch(case))
         model.eval()
         logits = _schedule(model, tf, batch, forward_only=True)            # [b, s/2, V]
         logits = gather_sequence_over_cp(logits.transpose(0, 1)).transpose(0, 1)
@@ -240,10 +244,22 @@ TRAIN = [
 ]
 
 
-def test_training_loop_cp2_matches_cp1():
+def test_training_loop_cp2_matches_cp1(tmp_path):
+    """Packed short documents with document masking (a DocumentMask through the loop's CP split)."""
+    import numpy as np
+
+    from tests.test_data_pretrain import write_indexed
+
+    rng = np.random.default_rng(3)
+    prefix = str(tmp_path / "docs")
+    write_indexed(prefix, [list(rng.integers(3, 250, size=rng.integers(2, 20))) + [EOS]
+                           for _ in range(200)])
+    train = TRAIN + [f"data.paths=['{prefix}']", "data.mock=false", "data.split='100,0,0'",
+                     "data.reset_attention_mask=true", "data.reset_position_ids=true",
+                     f"data.cache_dir={tmp_path / 'cache'}"]
     config = os.path.join(ROOT, "configs", "tiny_longcat_ngram.yaml")
-    cp1 = run_distributed(run_training, 1, TRAIN, config)[0]
-    cp2 = run_distributed(run_training, 2, TRAIN + ["parallel.context=2"], config, timeout=400)
+    cp1 = run_distributed(run_training, 1, train, config)[0]
+    cp2 = run_distributed(run_training, 2, train + ["parallel.context=2"], config, timeout=400)
     want = cp1["losses"]                                   # {iteration: loss}
     assert sorted(want) == [1, 2, 3]
     for rank in cp2:

@@ -3,7 +3,7 @@ parameter with selective recompute (core attention + MLA up projections), full r
 shortcut layer through megatron's ``tensor_parallel.checkpoint``) and full recompute of the first
 layer only equal those without recompute (bitwise or within 1e-7 of the gradient scale), with
 attention dropout on (the RNG tracker replays the same masks), in one process and at TP2 (+SP), EP2
-and CP2; the recompute really runs (the up projections / layers run twice) and the router's step
+and CP2, also with packed documents (a ``DocumentMask``, bound outside the checkpointed tensors); the recompute really runs (the up projections / layers run twice) and the router's step
 statistics are counted once.
 """
 
@@ -33,6 +33,7 @@ def _recompute_vs_none(layout, cases):
 
     from longcat_megatron import runtime
     from longcat_megatron.model.attention import LongcatMLA
+    from longcat_megatron.model.document_mask import DocumentMask
     from longcat_megatron.model.factory import transformer_config
     from longcat_megatron.model.longcat import build_longcat_chunk
 
@@ -56,6 +57,7 @@ def _recompute_vs_none(layout, cases):
         batch = get_batch_on_this_cp_rank(batch)
     out = {}
     for name, overrides in cases:
+        mask = DocumentMask.from_starts([[0, 5, 11], [0, 9]], SEQ) if "documents" in name else None
         cfg = tiny_config(**overrides)
         tf = transformer_config(cfg, sequence_parallel=tensor > 1, **layout)
         model = build_longcat_chunk(cfg, tf, pre_process=True, post_process=True).train()
@@ -68,7 +70,7 @@ def _recompute_vs_none(layout, cases):
             tensor_parallel.get_cuda_rng_tracker().set_states(dict(tracker_state))
             model.zero_grad()
             calls["up_project"] = 0
-            model(batch["tokens"], batch["position_ids"], None,
+            model(batch["tokens"], batch["position_ids"], mask,
                   labels=batch["labels"]).float().sum().backward()
             grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
             picks = torch.stack([r.step_picks.clone() for _, r in model.routers()])
@@ -115,7 +117,8 @@ def _check(results, attentions):
 
 
 SINGLE_CASES = [("sdpa", dict(mtp_num_layers=1)), ("sdpa_dropout", DROPOUT),
-                ("eager_dropout", {**DROPOUT, "attention_backend": "eager"})]
+                ("eager_dropout", {**DROPOUT, "attention_backend": "eager"}),
+                ("sdpa_dropout_documents", DROPOUT)]
 LAYOUTS = {"single": dict(), "tp2_sp": dict(tensor=2), "ep2": dict(expert=2),
            "cp2": dict(context=2)}
 
@@ -123,8 +126,9 @@ LAYOUTS = {"single": dict(), "tp2_sp": dict(tensor=2), "ep2": dict(expert=2),
 def _all_layouts():
     """One pair of processes for every layout (start-up dominates); "single": each rank runs the
     whole model alone (data-parallel ranks, no communication in the model)."""
+    others = {"cp2": [("sdpa_dropout", DROPOUT), ("sdpa_dropout_documents", DROPOUT)]}
     return {name: _recompute_vs_none(layout, SINGLE_CASES if name == "single"
-                                     else [("sdpa_dropout", DROPOUT)])
+                                     else others.get(name, [("sdpa_dropout", DROPOUT)]))
             for name, layout in LAYOUTS.items()}
 
 

@@ -9,10 +9,6 @@ from typing import Optional
 from longcat_megatron.errors import UserInputError
 
 
-# Longest sequence for which a dense per-sample document mask is built (8k: 64 MiB of bools).
-MAX_DENSE_MASK_SEQ_LENGTH = 8192
-
-
 class DataConfigError(UserInputError):
     """Invalid data settings; the message names the field and the fix."""
 
@@ -30,7 +26,8 @@ class DataConfig:
     eod_token_id: int = 2
     # Where megatron-core caches its sample indices (default: next to the data).
     cache_dir: Optional[str] = None
-    # Position ids restart at each document; optional attention masking across documents.
+    # Position ids restart at each document; optional attention masking across documents (kept as
+    # document starts, not a dense mask: any seq_length, under context parallelism too).
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
@@ -59,13 +56,6 @@ class DataConfig:
     def validate(self) -> None:
         if self.seq_length < 2:
             raise DataConfigError(f"data.seq_length={self.seq_length} must be >= 2")
-        if self.reset_attention_mask and self.seq_length > MAX_DENSE_MASK_SEQ_LENGTH:
-            raise DataConfigError(
-                f"data.reset_attention_mask=true with data.seq_length={self.seq_length} would build a "
-                f"dense [seq, seq] mask per sample; it is limited to seq_length <= "
-                f"{MAX_DENSE_MASK_SEQ_LENGTH}. Turn it off for long sequences (position ids still "
-                "reset per document with data.reset_position_ids=true)."
-            )
         if self.mock:
             return
         tool = "data_tools.sft" if self.sft else "data_tools.preprocess"

@@ -10,8 +10,10 @@ the run length (:mod:`longcat_megatron.data.horizon`). The train iterator reads 
 data-parallel size.
 
 Batches are dicts of CPU tensors: ``tokens``/``labels``/``position_ids`` int64 ``[mbs, seq]``,
-``loss_mask`` float32 ``[mbs, seq]`` and ``attention_mask`` bool ``[mbs, 1, seq, seq]`` (True = masked
-out) when ``data.reset_attention_mask`` asks for document masking, else ``None`` (plain causal).
+``loss_mask`` float32 ``[mbs, seq]``, and as ``attention_mask`` a
+:class:`~longcat_megatron.model.document_mask.DocumentMask` (where each document starts, no dense
+``[seq, seq]`` mask) when ``data.reset_attention_mask`` asks for document masking, else ``None``
+(plain causal). A document starts after every EOD token, megatron's ``reset_attention_mask`` rule.
 
 Every rank may call it; when ``torch.distributed`` is initialised it must be called by *all* ranks
 (megatron builds the index cache on rank 0 first, behind a barrier).
@@ -32,6 +34,7 @@ from longcat_megatron.data.check import check_data
 from longcat_megatron.data.mcore_helpers import ensure_dataset_helpers
 from longcat_megatron.data.sampler import check_batch_layout, micro_batch_indices
 from longcat_megatron.data.tokenizer import resolve_eod_token_id
+from longcat_megatron.model.document_mask import DocumentMask
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,8 @@ def gpt_dataset_config(data_cfg: DataConfig, *, seed: int, blend: Optional[list]
         reset_position_ids=data_cfg.reset_position_ids,
         reset_attention_mask=data_cfg.reset_attention_mask,
         eod_mask_loss=data_cfg.eod_mask_loss,
-        create_attention_mask=data_cfg.reset_attention_mask,
+        # Document masking travels as document starts (DocumentsAfterEod), never a dense mask.
+        create_attention_mask=False,
         mid_level_dataset_surplus=MID_LEVEL_SURPLUS,
     )
 
@@ -110,11 +114,32 @@ def build_gpt_datasets(data_cfg: DataConfig, *, seed: int, train_samples: int, e
             f"data: the train split holds {0 if train is None else len(train)} samples of "
             f"{data_cfg.seq_length + 1} tokens but {train_samples} were asked for; check data.split"
         )
+    if data_cfg.reset_attention_mask:
+        train = DocumentsAfterEod(train, config.tokenizer.eod)
+        valid = None if valid is None else DocumentsAfterEod(valid, config.tokenizer.eod)
     return train, valid
 
 
+class DocumentsAfterEod:
+    """A dataset whose samples also carry ``document_starts``: 0 and the position after every EOD
+    token of ``tokens`` (where megatron's ``reset_attention_mask`` starts a new document)."""
+
+    def __init__(self, dataset, eod_token_id: int):
+        self.dataset, self.eod_token_id = dataset, int(eod_token_id)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = dict(self.dataset[idx])
+        after_eod = torch.nonzero(sample["tokens"][:-1] == self.eod_token_id).flatten() + 1
+        sample["document_starts"] = torch.cat([torch.zeros(1, dtype=torch.long), after_eod])
+        return sample
+
+
 def collate(samples: list[dict]) -> dict:
-    """Stack megatron-core samples into a batch dict (``attention_mask`` None when not built)."""
+    """Stack samples into a batch dict; ``attention_mask`` is a ``DocumentMask`` when the samples
+    carry ``document_starts``, else None (plain causal)."""
     batch = {
         "tokens": torch.stack([s["tokens"] for s in samples]).long(),
         "labels": torch.stack([s["labels"] for s in samples]).long(),
@@ -122,8 +147,9 @@ def collate(samples: list[dict]) -> dict:
         "position_ids": torch.stack([s["position_ids"] for s in samples]).long(),
         "attention_mask": None,
     }
-    if samples[0].get("attention_mask") is not None:
-        batch["attention_mask"] = torch.stack([s["attention_mask"] for s in samples]).bool()
+    if "document_starts" in samples[0]:
+        batch["attention_mask"] = DocumentMask.from_starts(
+            [s["document_starts"].tolist() for s in samples], batch["tokens"].shape[1])
     return batch
 
 

@@ -9,8 +9,9 @@ train/valid split go through ``BlendedMegatronDatasetBuilder`` exactly as for pr
 
 Per sample: ``loss_mask`` is the stored assistant mask (of the label token), zero on padding and at
 conversation boundaries; ``position_ids`` restart per conversation when ``data.reset_position_ids``;
-``attention_mask`` keeps conversations (and the padding) apart when ``data.reset_attention_mask``,
-else it is ``None`` (plain causal).
+``document_starts`` (where each conversation, and the padding, starts) when
+``data.reset_attention_mask``: the batch's ``attention_mask`` is then a ``DocumentMask`` that keeps
+conversations apart at any length (no dense mask), else ``None`` (plain causal).
 """
 
 from __future__ import annotations
@@ -89,12 +90,11 @@ def pack_to_sample(ids, mask, lengths, seq_length: int, reset_position_ids: bool
         "labels": torch.from_numpy(full[1:].copy()),
         "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)),
         "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
-        "attention_mask": None,
     }
     if reset_attention_mask:
-        seg = torch.from_numpy(seg_in)
-        causal = torch.tril(torch.ones(seq_length, seq_length, dtype=torch.bool))
-        sample["attention_mask"] = ~(causal & (seg[:, None] == seg[None, :]))[None]
+        # Input position p belongs to the conversation of token p; the padding is one more.
+        starts = np.unique(np.concatenate([[0], np.cumsum(lengths)]))
+        sample["document_starts"] = torch.from_numpy(starts[starts < seq_length].astype(np.int64))
     return sample
 
 

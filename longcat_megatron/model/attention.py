@@ -17,6 +17,11 @@ global sequence order; local queries attend to all keys with the causal mask of 
 positions (or the dense mask, split on its query dim). The gather's backward sums the key
 gradients of all CP ranks back to the owner of each token (reduce-scatter).
 
+Packed documents: ``attention_mask`` is None (plain causal), a dense megatron mask, or a
+:class:`~longcat_megatron.model.document_mask.DocumentMask` (document starts, no s x s tensor): one
+causal attention per document piece, each query over its own document's keys up to itself; under
+CP the same per local query chunk against the gathered keys.
+
 Core attention (:func:`attend`): ``model.attention_backend`` "sdpa" (torch's fused kernels, v padded
 to the q·k head dim so that they apply; no s x s tensor) or "eager" (explicit fp32 scores, the
 reference). Selective recompute (``train.recompute: selective``, megatron's ``recompute_modules``):
@@ -37,6 +42,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.module import MegatronModule
 
 from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.document_mask import DocumentMask
 from longcat_megatron.model.norm import RMSNorm
 from longcat_megatron.model.parallel_info import tp_size
 from longcat_megatron.model.rotary import InterleavedRotary, softmax_scale
@@ -171,8 +177,13 @@ class LongcatMLA(MegatronModule):
         else:
             query, key, value = self._up_project(q_latent, latent, k_rope, cos, sin)
         if self._recomputes("core_attn"):
-            out = tensor_parallel.checkpoint(self._attention, False, query, key, value,
-                                             attention_mask)
+            if isinstance(attention_mask, DocumentMask):   # checkpoint saves tensor arguments only
+                out = tensor_parallel.checkpoint(
+                    lambda q, k, v: self._attention(q, k, v, attention_mask), False,
+                    query, key, value)
+            else:
+                out = tensor_parallel.checkpoint(self._attention, False, query, key, value,
+                                                 attention_mask)
         else:
             out = self._attention(query, key, value, attention_mask)   # [s, b, n_local*v]
         if up_checkpoint is not None:
@@ -204,7 +215,10 @@ class LongcatMLA(MegatronModule):
             return self._chunked_attention(q, k, v, attention_mask)
         s = q.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
-        out = self._attend(q, k, v, attention_mask)                        # [b, n, s, dv]
+        if isinstance(attention_mask, DocumentMask):
+            out = self._attend_documents(q, k, v, attention_mask, 0)
+        else:
+            out = self._attend(q, k, v, attention_mask)                    # [b, n, s, dv]
         return out.permute(2, 0, 1, 3).reshape(s, out.shape[0], -1)
 
     def _chunked_attention(self, q, k, v, attention_mask):
@@ -212,9 +226,13 @@ class LongcatMLA(MegatronModule):
         over all keys ``[CP·s_q, b, ...]`` in global order, one call per chunk (no ``s_q x s_k``
         score tensor with SDPA). Causal: chunk g sees keys ``[0, (g+1)·c)`` with the
         bottom-right-aligned causal mask; a megatron mask ``[b, 1, s_q, s_k]`` (masked out: True,
-        or -inf when additive; split on its query dim only) replaces it when given."""
+        or -inf when additive; split on its query dim only) or a ``DocumentMask`` (whole
+        sequence) replaces it when given."""
         s_q, s_k = q.shape[0], k.shape[0]
-        if attention_mask is not None and tuple(attention_mask.shape[-2:]) != (s_q, s_k):
+        documents = attention_mask if isinstance(attention_mask, DocumentMask) else None
+        if documents is not None:
+            attention_mask = None
+        elif attention_mask is not None and tuple(attention_mask.shape[-2:]) != (s_q, s_k):
             raise ValueError(
                 f"attention_mask of shape {tuple(attention_mask.shape)} does not match {s_q} local "
                 f"queries x {s_k} keys; under context parallelism split it on its query dim only "
@@ -224,13 +242,38 @@ class LongcatMLA(MegatronModule):
         outs = []
         for half, g in enumerate(cp_local_chunk_ids()):
             rows = slice(half * chunk, (half + 1) * chunk)
-            if attention_mask is None:
+            if documents is not None:
+                outs.append(self._attend_documents(q[:, :, rows], k, v, documents, g * chunk))
+            elif attention_mask is None:
                 end = (g + 1) * chunk
                 outs.append(self._attend(q[:, :, rows], k[:, :, :end], v[:, :, :end], None))
             else:
                 outs.append(self._attend(q[:, :, rows], k, v, attention_mask[..., rows, :]))
         out = torch.cat(outs, dim=2)                                      # [b, n, s_q, dv]
         return out.permute(2, 0, 1, 3).reshape(s_q, out.shape[0], -1)
+
+    def _attend_documents(self, q, k, v, documents: DocumentMask, query_start: int):
+        """Queries ``[b, n, s_q, d]`` at global positions ``query_start + [0, s_q)`` over keys and
+        values ``[b, n, s_k, ...]`` (global positions from 0) inside each query's document: one
+        bottom-right causal attention per document piece (flash kernels stay usable, no s x s
+        tensor). Samples of one layout share each call."""
+        s_q = q.shape[2]
+        if (documents.batch_size, documents.seq_length) != (q.shape[0], k.shape[2]):
+            raise ValueError(
+                f"DocumentMask of {documents.batch_size} samples x {documents.seq_length} tokens does "
+                f"not match the micro-batch ({q.shape[0]} x {k.shape[2]} keys); it describes the "
+                "whole sequence (keep it out of get_batch_on_this_cp_rank)")
+        samples = [slice(None)] if documents.same_for_every_sample else \
+            [slice(i, i + 1) for i in range(q.shape[0])]
+        outs = []
+        for rows in samples:
+            pieces = documents.pieces(0 if rows.start is None else rows.start,
+                                      query_start, query_start + s_q)
+            parts = [self._attend(q[rows, :, lo - query_start:hi - query_start],
+                                  k[rows, :, key_start:hi], v[rows, :, key_start:hi], None)
+                     for key_start, lo, hi in pieces]
+            outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _attend(self, q, k, v, mask):
         """Softmax attention ``[b, n, s_q, d]`` x ``[b, n, s_k, d|dv] -> [b, n, s_q, dv]``.
@@ -247,9 +290,9 @@ class LongcatMLA(MegatronModule):
 
 def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A megatron bool mask (True = masked out) as the additive float mask (0 / -inf) SDPA's fused
-    kernels take; float masks and None pass through. Convert once per forward and share it: SDPA
-    would otherwise convert (and keep for backward) a float copy in every attention call."""
-    if mask is None or mask.dtype != torch.bool:
+    kernels take; float masks, None and a ``DocumentMask`` pass through. Convert once per forward
+    and share it: SDPA would otherwise convert (and keep for backward) a float copy in every attention call."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 

@@ -17,7 +17,9 @@ to ``[s, b, H]`` (sequence shards under SP). The n-gram hash resets after ``ngra
 Full activation recompute (``train.recompute: full``): ``LongcatBlock`` runs each of the first
 ``recompute_num_layers`` shortcut layers of the chunk through megatron's ``tensor_parallel.checkpoint``
 (RNG states restored, so dropout matches). With the "sdpa" attention backend a dense attention mask
-is turned into one additive float mask per forward, shared by every layer.
+is turned into one additive float mask per forward, shared by every layer. ``attention_mask`` may
+also be a :class:`~longcat_megatron.model.document_mask.DocumentMask` (packed documents, no dense
+mask), which every attention block reads as is.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from longcat_megatron.model.attention import (
     cp_global_positions,
 )
 from longcat_megatron.model.config import ModelConfig, ModelConfigError
+from longcat_megatron.model.document_mask import DocumentMask
 from longcat_megatron.model.layer import ShortcutLayer, layer_norm
 from longcat_megatron.model.mtp import MTPHead, shift_left
 from longcat_megatron.model.ngram_embedding import NgramEmbedding
@@ -58,11 +61,12 @@ class LayersByGlobalIndex(torch.nn.ModuleDict):
         return iter(self.values())
 
 
-def _run_layer(layer):
-    """``layer`` as a function of tensors only (what ``tensor_parallel.checkpoint`` takes)."""
+def _run_layer(layer, documents: Optional[DocumentMask] = None):
+    """``layer`` as a function of tensors only (what ``tensor_parallel.checkpoint`` takes); a
+    ``DocumentMask`` (not a tensor) is bound here instead of passed."""
 
     def run(x, cos, sin, attention_mask):
-        return layer(x, (cos, sin), attention_mask)
+        return layer(x, (cos, sin), documents if documents is not None else attention_mask)
 
     return run
 
@@ -81,13 +85,15 @@ class LongcatBlock(MegatronModule):
     def forward(self, x, rotary, attention_mask=None):
         recompute = self._layers_to_recompute()
         cos, sin = rotary
+        documents = attention_mask if isinstance(attention_mask, DocumentMask) else None
+        tensor_mask = None if documents is not None else attention_mask
         for i, layer in enumerate(self.layers.values()):
             if i < recompute:
                 # Full recompute: keep only the layer input; megatron's checkpoint restores the
                 # CPU/CUDA and model-parallel RNG states, so dropout draws the same masks again.
                 x = tensor_parallel.checkpoint(
-                    _run_layer(layer), self.config.distribute_saved_activations, x, cos, sin,
-                    attention_mask)
+                    _run_layer(layer, documents), self.config.distribute_saved_activations, x,
+                    cos, sin, tensor_mask)
             else:
                 x = layer(x, rotary, attention_mask)
         return x

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from longcat_megatron import runtime
 from longcat_megatron.config import RunConfig, save_config
+from longcat_megatron.model.document_mask import DocumentMask
 from longcat_megatron.training import batch_schedule
 from longcat_megatron.training import checkpointing as ckpt
 from longcat_megatron.training.checkpoint_lock import lock_save_dir
@@ -67,14 +68,25 @@ def _cp_size() -> int:
     return ps.get_context_parallel_world_size()
 
 
+def batch_on_this_cp_rank(batch: dict) -> dict:
+    """This context-parallel rank's part of a micro-batch: megatron's load-balanced causal split
+    (sequence chunks r and 2*CP-1-r of 2*CP); a ``DocumentMask`` describes the whole sequence and
+    stays whole (the attention gathers every key)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    mask = batch.get("attention_mask")
+    documents = mask if isinstance(mask, DocumentMask) else None
+    batch = get_batch_on_this_cp_rank({**batch, "attention_mask": None if documents else mask})
+    if documents is not None:
+        batch["attention_mask"] = documents
+    return batch
+
+
 def forward_step(data_iterator, model):
     """One micro-batch: returns the per-token loss and the reduction function (megatron contract)."""
     batch = _batch_to_device(next(data_iterator))
     if _cp_size() > 1:
-        from megatron.core.utils import get_batch_on_this_cp_rank
-
-        # Load-balanced causal split: this rank keeps sequence chunks r and 2*CP-1-r (of 2*CP).
-        batch = get_batch_on_this_cp_rank(batch)
+        batch = batch_on_this_cp_rank(batch)
     output = model(
         batch["tokens"],
         batch["position_ids"],
