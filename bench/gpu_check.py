@@ -16,7 +16,10 @@ Steps (each reported as a row; the command exits 1 if any check fails):
    ``configs/longcat_flash_lite.yaml``, top-12 over FFN + zero experts, FFN experts scaled down to fit
    one GPU) at sequence 8192, micro-batch 1, forward + backward in bf16: step ms, peak GPU memory and
    achieved TFLOP/s from the layer's FLOP count (causal attention counted as half the s x s products;
-   FFN-expert FLOPs from the tokens the router really sent to FFN experts).
+   FFN-expert FLOPs from the tokens the router really sent to FFN experts);
+4. documents: one Lite-width MLA block at that sequence with packed documents, as a ``DocumentMask``
+   (per-document attention) and as the dense mask it stands for: outputs and input gradients must
+   agree (bf16: 2e-2 of the largest value), and the step ms and peak memory of both are reported.
 
 Without megatron-core installed, the script makes a venv in ``.whl/venv-pyXY`` that sees this
 machine's torch (``--system-site-packages``), installs the wheels of ``.whl/`` into it with
@@ -282,6 +285,56 @@ def bench_layer(size: dict, cpu: bool, bf16: bool) -> dict:
     return row
 
 
+# ---- 4. packed documents: DocumentMask vs dense mask -----------------------------------------------
+def check_documents(size: dict, cpu: bool, bf16: bool) -> dict:
+    """One MLA block over packed documents: DocumentMask == its dense mask (output, input grad)."""
+    import torch
+
+    from longcat_megatron import runtime
+    from longcat_megatron.model.attention import LongcatMLA
+    from longcat_megatron.model.document_mask import DocumentMask
+    from longcat_megatron.model.factory import transformer_config
+    from longcat_megatron.model.rotary import InterleavedRotary
+
+    cfg, seq = lite_layer_config(size, cpu), size["seq"]
+    runtime.initialize(num_experts=cfg.num_experts, seed=1234)
+    dev = runtime.device()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    try:
+        mla = LongcatMLA(cfg, transformer_config(cfg, bf16=bf16)).to(dev, dtype).train()
+        gen = torch.Generator().manual_seed(0)
+        cuts = sorted(torch.randperm(seq - 1, generator=gen)[:7].add(1).tolist())  # 8 documents
+        documents = DocumentMask.from_starts([[0] + cuts], seq)
+        dense = documents.dense(dev)
+        rotary = InterleavedRotary(cfg).angles(torch.arange(seq, device=dev)[None], dtype)
+        x = torch.randn(seq, 1, cfg.hidden_size, generator=gen).to(dev, dtype).requires_grad_()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        results = {}
+        for name, mask in (("documents", documents), ("dense", dense)):
+            for _ in range(2):                              # the second call is timed
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                x.grad = None
+                sync()
+                start = time.perf_counter()
+                out = mla(x, rotary, mask)
+                out.float().square().mean().backward()
+                sync()
+            results[name] = (out.detach().float(), x.grad.float().clone(),
+                             (time.perf_counter() - start) * 1e3,
+                             torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)
+    finally:
+        runtime.shutdown()
+    (out, grad, ms, peak), (ref_out, ref_grad, ref_ms, ref_peak) = results["documents"], results["dense"]
+    err = max(float((out - ref_out).abs().max() / ref_out.abs().max()),
+              float((grad - ref_grad).abs().max() / ref_grad.abs().max()))
+    tol = 2e-2 if bf16 else 1e-5
+    peaks = f", peak {peak:.2f} vs {ref_peak:.2f} GiB" if peak is not None else ""
+    return dict(name=f"packed documents (8) in one MLA block, seq {seq}: DocumentMask == dense mask",
+                ok=err <= tol, detail=f"max rel. error {err:.1e} (tolerance {tol:.0e}); "
+                f"{ms:.1f} vs {ref_ms:.1f} ms fwd+bwd{peaks}")
+
+
 # ---- report -----------------------------------------------------------------------------------------
 def environment_line() -> str:
     import torch
@@ -321,7 +374,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16")
     parser.add_argument("--experts", type=int, default=None, help="FFN experts of the layer bench")
     parser.add_argument("--seq", type=int, default=None, help="sequence length of the layer bench")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "export", "layer"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["train", "export", "layer", "documents"])
     parser.add_argument("--out", default=None, help="also write gpu_check.md / gpu_check.json here")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--no-docs", action="store_true", help="do not append to docs/benchmarks.md")
@@ -379,6 +433,10 @@ def main(argv=None) -> int:
             for r in layer_rows:
                 r["seconds"] = (time.perf_counter() - t0) / len(layer_rows)
             rows += layer_rows
+        if "documents" not in args.skip:
+            t0 = time.perf_counter()
+            rows.append(check_documents(size, args.cpu, bf16))
+            rows[-1]["seconds"] = time.perf_counter() - t0
     for r in rows:
         r.pop("checkpoint", None)
     total = time.perf_counter() - start

@@ -21,6 +21,7 @@ def test_gpu_check_cpu_mode_passes_every_step(tmp_path):
     names = [r["name"] for r in report["rows"]]
     assert any(n.startswith("train 3 + save + resume 2") for n in names)
     assert any(n.startswith("export to HF") for n in names)
+    assert any(n.startswith("packed documents") for n in names)
     layer = next(r for r in report["rows"] if "step_ms" in r)
     assert layer["step_ms"] > 0 and 0 < layer["ffn_experts_per_token"] <= layer["topk"]
     assert all(r["ok"] for r in report["rows"]), report["rows"]
