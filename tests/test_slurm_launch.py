@@ -207,6 +207,7 @@ def test_midtrain_then_sft_start_from_the_previous_stage(straight, slurm_cluster
     log = sft.text()
     assert fields["JobState"] == "COMPLETED", log[-3000:]
     assert "data.sft=true" in log and f"data: ['{sft_prefix}']" in log
+    assert "data.reset_attention_mask=true" in log          # conversations kept apart
     assert f"starting a new stage from the weights of {mid_ckpt}/iter_0000006" in log
     assert tracker(sft_ckpt) == 4
     # once a stage has its own checkpoint, a requeue/resubmission resumes it, not the previous stage

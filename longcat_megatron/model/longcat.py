@@ -118,6 +118,8 @@ class LongcatBlock(MegatronModule):
 class LongcatModel(LanguageModule):
     """LongCat-Flash: embedding -> shortcut layers -> final norm -> LM head (+ MTP head)."""
 
+    reads_document_masks = True   # attention_mask may be a DocumentMask (training loop checks)
+
     def __init__(self, cfg: ModelConfig, tf_config, *, pre_process: bool = True,
                  post_process: bool = True, vp_stage: Optional[int] = None):
         super().__init__(config=tf_config)

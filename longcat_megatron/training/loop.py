@@ -82,9 +82,20 @@ def batch_on_this_cp_rank(batch: dict) -> dict:
     return batch
 
 
+def _reads_document_masks(model) -> bool:
+    """Whether the (wrapped) model takes a ``DocumentMask`` as its attention mask (LongCat)."""
+    while not hasattr(model, "reads_document_masks") and hasattr(model, "module"):
+        model = model.module                                  # DDP / Float16Module wrappers
+    return bool(getattr(model, "reads_document_masks", False))
+
+
 def forward_step(data_iterator, model):
     """One micro-batch: returns the per-token loss and the reduction function (megatron contract)."""
     batch = _batch_to_device(next(data_iterator))
+    mask = batch.get("attention_mask")
+    if isinstance(mask, DocumentMask) and not _reads_document_masks(model):
+        # megatron's GPTModel (model.arch: gpt) takes the dense [b, 1, s, s] mask it stands for.
+        batch["attention_mask"] = mask.dense(runtime.device())
     if _cp_size() > 1:
         batch = batch_on_this_cp_rank(batch)
     output = model(
