@@ -457,7 +457,7 @@ def main(argv=None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    data = f"; tensor data {s['data_seconds']:.1f}s: {s['bytes'] / max(s['data_seconds'], 1e-9) / 1e9:.2f} " \
+    data = f"; tensor data {s['data_seconds']:.2f}s: {s['bytes'] / max(s['data_seconds'], 1e-9) / 1e9:.2f} " \
         f"GB/s, {s['workers']} workers" if s["data_seconds"] else ""
     print(f"imported {s['bytes'] / 1e9:.3f} GB into {s['output']} on {s['world']} process(es) in "
           f"{s['seconds']:.1f}s ({s['bytes'] / max(s['seconds'], 1e-9) / 1e9:.2f} GB/s{data})")

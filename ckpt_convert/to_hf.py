@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     gbs = summary["bytes"] / max(summary["data_seconds"], 1e-9) / 1e9
     print(f"wrote {summary['tensors']} tensors ({summary['bytes'] / 1e9:.3f} GB, {summary['files']} "
           f"file(s)) from iteration {summary['iteration']} to {summary['output']} in "
-          f"{summary['seconds']:.1f}s (tensor data {summary['data_seconds']:.1f}s: {gbs:.2f} GB/s, "
+          f"{summary['seconds']:.1f}s (tensor data {summary['data_seconds']:.2f}s: {gbs:.2f} GB/s, "
           f"{summary['workers']} workers)")
     if args.verify:
         from ckpt_convert.verify import verify_export
