@@ -68,7 +68,9 @@ def run_measured(cmd: list, env: dict) -> tuple[float, int, str]:
               "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
               "sys.stderr.write(p.stderr[-3000:] if p.returncode else '')\n"
               "print(json.dumps({'rc': p.returncode, 's': dt, 'rss': rss, 'out': p.stdout[-2000:]}))\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    # cwd=ROOT: ``python -m ckpt_convert...`` must import this tree's converters (``-m`` puts the
+    # working directory first on sys.path), not those of wherever the bench was started from.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(out.stderr)
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,7 +132,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--append", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args()
-    work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
+    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=ROOT, TORCHDYNAMO_DISABLE="1")
     ckpt, hf_dir, back = (os.path.join(work, n) for n in ("ckpt", "hf", "back"))
@@ -165,9 +167,9 @@ def main() -> int:
         "| direction | data | tensor s | GB/s | disk read GB/s (same files) | GB/s / disk read | "
         "wall s (incl. imports) | peak RSS | peak RSS / data |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| megatron → HF (`to_hf --workers {nw}`) | {ckpt_bytes / gb:.2f} GB | {s_to:.1f} | {g_to:.2f} | "
+        f"| megatron → HF (`to_hf --workers {nw}`) | {ckpt_bytes / gb:.2f} GB | {s_to:.2f} | {g_to:.2f} | "
         f"{read_to:.2f} | {g_to / read_to:.2f} | {w_to:.1f} | {rss_to / gb:.2f} GB | {rss_to / ckpt_bytes:.2f} |",
-        f"| HF → megatron (`from_hf --workers {nw}`, streaming) | {hf_bytes / gb:.2f} GB | {s_from:.1f} | "
+        f"| HF → megatron (`from_hf --workers {nw}`, streaming) | {hf_bytes / gb:.2f} GB | {s_from:.2f} | "
         f"{g_from:.2f} | {read_from:.2f} | {g_from / read_from:.2f} | {w_from:.1f} | {rss_from / gb:.2f} GB | "
         f"{rss_from / hf_bytes:.2f} |",
         f"| (imports only: RSS floor) | | | | | | | {floor / gb:.2f} GB | |",

@@ -105,28 +105,38 @@ class HFCheckpointReader:
             raise ConversionError(f"key '{key}' is not in the Hugging Face checkpoint '{self.path}'")
         return self.tensors[key]
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """``t[start:stop]`` of tensor ``key``, read with plain file I/O (no mmap: only these bytes
-        enter memory)."""
+    def read_rows(self, key: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``t[start:stop]`` of tensor ``key``, read with ``os.preadv`` straight into a fresh tensor
+        (or into ``out``, a contiguous CPU tensor of that shape and dtype): no mmap, only these bytes
+        enter memory, one copy, the GIL released."""
         info = self.info(key)
         offset, length = self._where[key]
         rows = info.shape[0] if info.shape else 1
         row_bytes = length // max(rows, 1)
         if not 0 <= start <= stop <= rows:
             raise ValueError(f"{key}: rows {start}:{stop} outside {rows}")
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        if out is None:
+            out = torch.empty(shape, dtype=info.dtype)
+        elif tuple(out.shape) != tuple(shape) or out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"{key}: rows {start}:{stop} are {shape} {info.dtype}, not {tuple(out.shape)} "
+                             f"{out.dtype}")
         full = os.path.join(self.path, self.file_of[key])
-        buf = bytearray((stop - start) * row_bytes)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        pos = offset + start * row_bytes
         try:
-            with open(full, "rb") as f:
-                f.seek(offset + start * row_bytes)
-                if f.readinto(buf) != len(buf):
-                    raise ConversionError(f"'{full}' is truncated inside tensor '{key}'")
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                while len(view):
+                    n = os.preadv(fd, [view], pos)
+                    if n <= 0:
+                        raise ConversionError(f"'{full}' is truncated inside tensor '{key}'")
+                    view, pos = view[n:], pos + n
+            finally:
+                os.close(fd)
         except OSError as e:
             raise ConversionError(f"cannot read '{key}' from {full}: {e}") from None
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        if not buf:
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+        return out
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor ``key`` (a fresh CPU tensor; only its bytes are read)."""

@@ -131,15 +131,28 @@ class CheckpointLocator:
         self.used.add(found[0])
         return found
 
-    def read_rows(self, full: str, start: int = 0, count: Optional[int] = None):
-        """Rows ``[start, start+count)`` (all rows by default) of full tensor ``full``."""
+    def region(self, full: str, start: Optional[int] = None, count: Optional[int] = None):
+        """``(checkpoint key, offsets, sizes, shape)`` of rows ``[start, start+count)`` of full tensor
+        ``full`` (the whole tensor when ``start`` is None)."""
         key, index = self.require(full)
-        shape = self.reader.info(key).shape
-        inner = shape[len(index):]
+        inner = self.reader.info(key).shape[len(index):]
+        if start is None:
+            return key, list(index) + [0] * len(inner), [1] * len(index) + list(inner), tuple(inner)
         count = inner[0] - start if count is None else count
         offsets = list(index) + [start] + [0] * (len(inner) - 1)
         sizes = [1] * len(index) + [count] + list(inner[1:])
-        return self.reader.read_region(key, offsets, sizes).reshape(count, *inner[1:])
+        return key, offsets, sizes, (count, *inner[1:])
+
+    def read_rows(self, full: str, start: int = 0, count: Optional[int] = None):
+        """Rows ``[start, start+count)`` (all rows by default) of full tensor ``full``."""
+        key, offsets, sizes, shape = self.region(full, start, count)
+        return self.reader.read_region(key, offsets, sizes).reshape(shape)
+
+    def extents(self, full: str, start: Optional[int] = None, count: Optional[int] = None):
+        """Rows ``[start, start+count)`` (the whole tensor when ``start`` is None) as raw byte runs of
+        the shard files (:meth:`TorchDistReader.region_extents`), or None."""
+        key, offsets, sizes, _ = self.region(full, start, count)
+        return self.reader.region_extents(key, offsets, sizes)
 
     def read(self, full: str):
         key, index = self.require(full)

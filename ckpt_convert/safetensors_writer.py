@@ -11,6 +11,7 @@ offset are fixed by the declaration, each thread produces one tensor and ``pwrit
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -47,6 +48,65 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return tensor_nbytes(self.shape, self.dtype)
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A tensor's bytes as they already lie in files: ``(path, offset, length)`` runs, in order.
+    :meth:`ShardedSafetensorsWriter.write_parallel` copies them file to file (``copy_file_range``:
+    no pass through this process's memory)."""
+
+    runs: tuple[tuple[str, int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, _, length in self.runs)
+
+
+class _Zeros:
+    def __repr__(self) -> str:
+        return "ZEROS"
+
+
+# ``produce`` may return this for an all-zero tensor: write_parallel pre-sizes every shard file (its
+# unwritten bytes read as zeros), so nothing is written for it.
+ZEROS = _Zeros()
+
+_copy_file_range = getattr(os, "copy_file_range", None)
+_NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM,
+                       errno.ETXTBSY)
+_COPY_BLOCK = 16 << 20
+
+
+def copy_range(src: str, dst_fd: int, src_offset: int, length: int, dst_offset: int) -> None:
+    """Copy ``length`` bytes at ``src_offset`` of file ``src`` to ``dst_offset`` of ``dst_fd``: with
+    ``os.copy_file_range`` (in-kernel, GIL released) where the file systems allow it, else
+    ``pread``/``pwrite`` through a 16 MB buffer."""
+    global _copy_file_range
+    fd = os.open(src, os.O_RDONLY)
+    buf = None
+    try:
+        while length:
+            n = 0
+            if _copy_file_range is not None:
+                try:
+                    n = _copy_file_range(fd, dst_fd, min(length, 1 << 30), src_offset, dst_offset)
+                except OSError as e:
+                    if e.errno not in _NO_COPY_FILE_RANGE:
+                        raise
+                    _copy_file_range = None  # not on these file systems: plain reads and writes
+                    continue
+            else:
+                if buf is None:
+                    buf = memoryview(bytearray(min(length, _COPY_BLOCK)))
+                n = os.preadv(fd, [buf[:min(length, len(buf))]], src_offset)
+                if n > 0:
+                    _pwrite_all(dst_fd, buf[:n], dst_offset)
+            if n <= 0:
+                raise ConversionError(f"'{src}' ends at byte {src_offset}, inside the tensor data")
+            length, src_offset, dst_offset = length - n, src_offset + n, dst_offset + n
+    finally:
+        os.close(fd)
 
 
 def parse_size(text: str) -> int:
@@ -142,7 +202,10 @@ class ShardedSafetensorsWriter:
 
     def write_parallel(self, produce: Callable[[str], torch.Tensor], workers: int = 1) -> str:
         """Write every declared tensor, ``produce(name)`` giving its data, on ``workers`` threads;
-        then the index (returns its path). At most ``workers`` produced tensors are alive at once."""
+        then the index (returns its path). At most ``workers`` produced tensors are alive at once.
+
+        ``produce`` returns a tensor, a :class:`FileBytes` (copied file to file, never in memory) or
+        :data:`ZEROS` (nothing written: the pre-sized shard files read as zeros)."""
         if self._pos:
             raise ConversionError("write_parallel after write(): use one or the other")
         places = []  # (fd index, absolute offset, spec)
@@ -163,10 +226,20 @@ class ShardedSafetensorsWriter:
 
             def one(place) -> None:
                 si, offset, spec = place
-                tensor = produce(spec.name)
-                self._check(spec, spec.name, tensor)
-                _pwrite_all(fds[si], _as_bytes(tensor), offset)
-                del tensor
+                data = produce(spec.name)
+                if data is ZEROS:
+                    pass  # the pre-sized file already reads as zeros there
+                elif isinstance(data, FileBytes):
+                    if data.nbytes != spec.nbytes:
+                        raise ConversionError(f"tensor '{spec.name}': {data.nbytes} bytes in the source "
+                                              f"files, declared {spec.shape} {spec.dtype} ({spec.nbytes})")
+                    for path, src_offset, length in data.runs:
+                        copy_range(path, fds[si], src_offset, length, offset)
+                        offset += length
+                else:
+                    self._check(spec, spec.name, data)
+                    _pwrite_all(fds[si], _as_bytes(data), offset)
+                del data
                 if self.progress is not None:
                     with lock:
                         self.progress.update(spec.nbytes)

@@ -28,7 +28,7 @@ from ckpt_convert import ConversionError, default_workers
 from ckpt_convert.dcp_reader import TorchDistReader, resolve_checkpoint_dir
 from ckpt_convert.layout import CheckpointLocator, conversion_rules, zero_expert_hf_keys
 from ckpt_convert.output_dir import atomic_output_dir
-from ckpt_convert.safetensors_writer import ShardedSafetensorsWriter, TensorSpec, parse_size
+from ckpt_convert.safetensors_writer import ZEROS, FileBytes, ShardedSafetensorsWriter, TensorSpec, parse_size
 from ckpt_convert.saved_config import RUN_CONFIG, load_model_config  # noqa: F401  (re-exported)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,6 +40,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class ExportItem:
     spec: TensorSpec
     produce: Callable[[], torch.Tensor]
+    # Where no cast is needed: the tensor's raw bytes in the checkpoint files (FileBytes, or None when
+    # they are not stored raw) or ZEROS; the writer then copies file to file instead of calling produce.
+    raw: Optional[Callable[[], object]] = None
+
+    def data(self):
+        """What the writer writes: ``raw()`` where that is available, else ``produce()``."""
+        if self.raw is not None:
+            found = self.raw()
+            if found is not None:
+                return found
+        return self.produce()
 
 
 # Router tensors exported in fp32 for any --dtype (the released model's dtype for them).
@@ -51,11 +62,21 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
     """Every HF tensor to write, with its shape/dtype and a function that reads it (lazily)."""
     items: list[ExportItem] = []
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
-
     def out_dtype(src: torch.dtype) -> torch.dtype:
         return src if dtype is None or not src.is_floating_point else dtype
+
+    def item(spec: TensorSpec, full: str, src: torch.dtype, start: Optional[int] = None,
+             count: Optional[int] = None) -> ExportItem:
+        """Rows [start, start+count) of ``full`` (all of it for start=None) as ``spec.dtype``."""
+        def produce() -> torch.Tensor:
+            t = locator.read(full) if start is None else locator.read_rows(full, start, count)
+            return t.to(spec.dtype)
+
+        def raw():
+            extents = locator.extents(full, start, count)
+            return None if extents is None else FileBytes(tuple((e.path, e.offset, e.length) for e in extents))
+
+        return ExportItem(spec, produce, raw if spec.dtype == src else None)
 
     for rule in conversion_rules(cfg):
         key, index = locator.require(rule.full, rule.hf[0])
@@ -66,24 +87,20 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
                 raise ConversionError(f"'{rule.full}' has {shape[0]} rows; a SwiGLU fc1 needs an even count")
             half = shape[0] // 2
             for part, hf_key in enumerate(rule.hf):
-                items.append(ExportItem(
-                    TensorSpec(hf_key, (half, *shape[1:]), out_dtype(info.dtype)),
-                    lambda f=rule.full, s=part * half, n=half: cast(locator.read_rows(f, s, n))))
+                items.append(item(TensorSpec(hf_key, (half, *shape[1:]), out_dtype(info.dtype)),
+                                  rule.full, info.dtype, part * half, half))
         elif rule.kind == "rows":
             if rule.row_start + rule.rows > shape[0]:
                 raise ConversionError(f"'{rule.full}' has {shape[0]} rows, the config needs "
                                       f"{rule.row_start + rule.rows} (N-gram sizes disagree)")
-            items.append(ExportItem(
-                TensorSpec(rule.hf[0], (rule.rows, *shape[1:]), out_dtype(info.dtype)),
-                lambda f=rule.full, s=rule.row_start, n=rule.rows: cast(locator.read_rows(f, s, n))))
+            items.append(item(TensorSpec(rule.hf[0], (rule.rows, *shape[1:]), out_dtype(info.dtype)),
+                              rule.full, info.dtype, rule.row_start, rule.rows))
         elif ROUTER_FP32.search(rule.hf[0]):
             # HF keeps the router in fp32 (``_keep_in_fp32_modules``; the fp8 releases too), whatever
             # --dtype asks for (checkpoints from before bf16 kept it in fp32 may hold it in bf16).
-            items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), torch.float32),
-                                    lambda f=rule.full: locator.read(f).float()))
+            items.append(item(TensorSpec(rule.hf[0], tuple(shape), torch.float32), rule.full, info.dtype))
         else:
-            items.append(ExportItem(TensorSpec(rule.hf[0], tuple(shape), out_dtype(info.dtype)),
-                                    lambda f=rule.full: cast(locator.read(f))))
+            items.append(item(TensorSpec(rule.hf[0], tuple(shape), out_dtype(info.dtype)), rule.full, info.dtype))
     _check_shapes(items, cfg, locator.reader.path)
     if zero_expert_weights and getattr(cfg, "ngram", None) is None:
         by_name = {it.spec.name: it.spec for it in items}
@@ -91,7 +108,7 @@ def plan_export(locator: CheckpointLocator, cfg, *, dtype: Optional[torch.dtype]
             m = re.match(r"^(.*\.experts)\.\d+\.(\w+)\.weight$", hf_key)
             ref = by_name[f"{m[1]}.0.{m[2]}.weight"]
             items.append(ExportItem(TensorSpec(hf_key, ref.shape, ref.dtype),
-                                    lambda s=ref.shape, d=ref.dtype: torch.zeros(s, dtype=d)))
+                                    lambda s=ref.shape, d=ref.dtype: torch.zeros(s, dtype=d), lambda: ZEROS))
     unused = locator.unused_model_keys()
     if unused:
         raise ConversionError(
@@ -166,10 +183,10 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
         write_hf_config(tmp, cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id, dtype=dtype_name)
         writer = ShardedSafetensorsWriter(tmp, [i.spec for i in items], parse_size(max_shard_size), bar,
                                           auxiliary=auxiliary)
-        produce = {i.spec.name: i.produce for i in items}
+        by_name = {i.spec.name: i for i in items}
         t_data = time.perf_counter()
         try:
-            writer.write_parallel(lambda name: produce[name](), workers or default_workers())
+            writer.write_parallel(lambda name: by_name[name].data(), workers or default_workers())
         finally:
             writer.close()
             bar.close()
@@ -228,7 +245,7 @@ def main(argv=None) -> int:
     gbs = summary["bytes"] / max(summary["data_seconds"], 1e-9) / 1e9
     print(f"wrote {summary['tensors']} tensors ({summary['bytes'] / 1e9:.3f} GB, {summary['files']} "
           f"file(s)) from iteration {summary['iteration']} to {summary['output']} in "
-          f"{summary['seconds']:.1f}s (tensor data {summary['data_seconds']:.1f}s: {gbs:.2f} GB/s, "
+          f"{summary['seconds']:.1f}s (tensor data {summary['data_seconds']:.2f}s: {gbs:.2f} GB/s, "
           f"{summary['workers']} workers)")
     if args.verify:
         from ckpt_convert.verify import verify_export

@@ -75,9 +75,27 @@ def test_reader_assembles_tp_shards_and_slices(tp2_ckpt):
 
 
 def test_reader_reads_only_the_chunks_of_a_slice(tp2_ckpt, monkeypatch):
+    """Both read paths (raw ``preadv`` of the chunks' bytes, and DCP's ``torch.load`` per chunk for
+    chunks not stored raw) touch only the chunks of the slice and agree."""
     from ckpt_convert.dcp_reader import TorchDistReader, resolve_checkpoint_dir
 
     r = TorchDistReader(resolve_checkpoint_dir(tp2_ckpt[0])[0])
+    key = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    # Saved chunks are per (layer, expert, gate|up, TP rank): 2*4*2*2 = 32; one expert needs 4.
+    assert len(r.metadata.state_dict_metadata[key].chunks) == 32
+    raw_chunks = []
+    original_raw = TorchDistReader._raw_chunk
+
+    def spy_raw(self, index, dtype):
+        raw_chunks.append(index)
+        return original_raw(self, index, dtype)
+
+    monkeypatch.setattr(TorchDistReader, "_raw_chunk", spy_raw)
+    fast = r.read(key, (1, 2))
+    assert len(set(raw_chunks)) == 4
+    extents = r.region_extents(key, (1, 2, 0, 0), (1, 1, *r.info(key).shape[2:]))
+    assert extents is not None and sum(e.length for e in extents) == fast.numel() * fast.element_size()
+
     read_bytes = []
     original = type(r._reader)._slice_file
 
@@ -86,11 +104,32 @@ def test_reader_reads_only_the_chunks_of_a_slice(tp2_ckpt, monkeypatch):
         return original(self, file, sinfo)
 
     monkeypatch.setattr(type(r._reader), "_slice_file", spy)
-    key = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
-    r.read(key, (1, 2))
-    # Saved chunks are per (layer, expert, gate|up, TP rank): 2*4*2*2 = 32; one expert needs 4.
-    assert len(r.metadata.state_dict_metadata[key].chunks) == 32
+    monkeypatch.setattr(TorchDistReader, "_raw_chunk", lambda self, index, dtype: None)
+    assert r.region_extents(key, (1, 2, 0, 0), (1, 1, *r.info(key).shape[2:])) is None
+    assert torch.equal(r.read(key, (1, 2)), fast)
     assert len(read_bytes) == 4
+
+
+def test_region_extents_match_generic_reads(tp2_ckpt):
+    """Raw byte runs of sub-regions (rows, columns: many runs; across TP chunks) read the same values
+    as DCP's generic reader."""
+    from ckpt_convert.dcp_reader import TorchDistReader, read_extents, resolve_checkpoint_dir
+
+    r = TorchDistReader(resolve_checkpoint_dir(tp2_ckpt[0])[0])
+    regions = [("embedding.word_embeddings.weight", (3, 0), (100, 32)),
+               ("embedding.word_embeddings.weight", (0, 5), (128, 20)),
+               ("decoder.layers.self_attention.linear_proj.weight", (1, 0, 3), (1, 32, 20)),
+               ("decoder.layers.mlp.experts.experts.linear_fc1.weight", (0, 1, 4, 0), (2, 2, 20, 32))]
+    for key, offsets, sizes in regions:
+        extents = r.region_extents(key, offsets, sizes)
+        assert extents is not None, key
+        fast = torch.empty(sizes, dtype=r.info(key).dtype)
+        read_extents(extents, fast)
+        slow = torch.empty(sizes, dtype=r.info(key).dtype)
+        planner = r._plan(key, offsets, sizes, slow)
+        r._reader.read_data(r._reader.prepare_local_plan(planner.plan), planner).wait()
+        assert torch.equal(fast, slow), key
+        assert torch.equal(r.read_region(key, offsets, sizes), slow), key
 
 
 def test_reader_bad_inputs(tp2_ckpt, tmp_path):
@@ -196,6 +235,50 @@ def test_parallel_writer_files_equal_sequential_and_bound_memory(tmp_path):
     with pytest.raises(ConversionError, match="tensor 't3': got \\(2,\\)"):
         ShardedSafetensorsWriter(str(bad), specs).write_parallel(
             lambda n: torch.zeros(2) if n == "t3" else tensors[n], workers=3)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_parallel_writer_file_bytes_and_zeros(tmp_path, monkeypatch, kernel_copy):
+    """Tensors given as FileBytes (copied file to file, copy_file_range or its pread/pwrite fallback)
+    or ZEROS (left as the pre-sized file's zeros) give the same files as the tensors themselves."""
+    from ckpt_convert import safetensors_writer as sw
+
+    if not kernel_copy:
+        monkeypatch.setattr(sw, "_copy_file_range", None)
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"t{i}": torch.randn(40 + i, 7, generator=g) for i in range(6)}
+    tensors["z"] = torch.zeros(9, 7)
+    specs = [sw.TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    blob = tmp_path / "src.bin"
+    runs, pos = {}, 13  # an odd start: offsets need no alignment
+    with open(blob, "wb") as f:
+        f.write(b"x" * pos)
+        for k, v in tensors.items():
+            data = v.numpy().tobytes()
+            half = len(data) // 2
+            f.write(data[half:] + b"pad" + data[:half])  # two runs, stored out of order
+            runs[k] = ((str(blob), pos + len(data) - half + 3, half), (str(blob), pos, len(data) - half))
+            pos += len(data) + 3
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    ref.mkdir(), out.mkdir()
+    sw.ShardedSafetensorsWriter(str(ref), specs, max_shard_bytes=2000).write_parallel(
+        lambda n: tensors[n], workers=3)
+    sw.ShardedSafetensorsWriter(str(out), specs, max_shard_bytes=2000).write_parallel(
+        lambda n: sw.ZEROS if n == "z" else sw.FileBytes(runs[n]), workers=3)
+    assert sorted(os.listdir(ref)) == sorted(os.listdir(out)) and len(os.listdir(ref)) > 2
+    for name in os.listdir(ref):
+        assert (ref / name).read_bytes() == (out / name).read_bytes(), name
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(ConversionError, match="tensor 't1': .* bytes in the source files"):
+        sw.ShardedSafetensorsWriter(str(bad), specs).write_parallel(
+            lambda n: sw.FileBytes(runs[n][:1]) if n == "t1" else tensors[n], workers=2)
+    short = tmp_path / "short"
+    short.mkdir()
+    with pytest.raises(ConversionError, match="ends at byte"):
+        sw.ShardedSafetensorsWriter(str(short), specs).write_parallel(
+            lambda n: sw.FileBytes(((str(blob), pos - 10, tensors[n].numel() * 4),)) if n == "t2"
+            else tensors[n], workers=2)
 
 
 def test_dcp_writer_threads_roundtrip(tmp_path):
