@@ -4,9 +4,13 @@
 
 1. builds a random LongCat model at the given size in one process and saves it with the training
    loop's checkpoint writer (a real torch_dist checkpoint, fp32);
-2. the disk: plain sequential read of the checkpoint's files (64 MB ``readinto``, the same files and
-   page-cache state the converter then sees) and a plain 1 GB write into the work directory;
-3. ``to_hf --workers N`` in a fresh process: seconds, GB/s, peak RSS, and GB/s / disk read rate;
+2. the disk: plain sequential read of the checkpoint's files **from the disk, not the page cache**
+   (the files are flushed and dropped from the cache first with ``posix_fadvise(DONTNEED)``, as a
+   1 TB checkpoint would be: far larger than memory), 64 MB ``readinto``; and a plain 1 GB write into
+   the work directory with its ``fsync``;
+3. ``to_hf --workers N`` in a fresh process, its input dropped from the cache the same way: tensor
+   seconds and GB/s, the time its final fsync took (the converters flush their output before the
+   rename that commits it), GB/s including that flush, peak RSS, and each GB/s / disk read rate;
 4. ``from_hf --workers N`` (streaming) of that output, the same figures (its input: the HF files);
 5. the RSS of a process that only imports the same libraries (the floor).
 
@@ -90,8 +94,33 @@ def conversion_seconds(stdout: str) -> float:
     return float(m.group(1))
 
 
+def drop_from_page_cache(path: str) -> None:
+    """Flush every file under ``path`` and drop it from the page cache (``posix_fadvise``), so the
+    next read comes from the disk (no root needed; the VM's host may still cache)."""
+    for d, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def flush_seconds(stdout: str) -> float:
+    """The seconds the CLI reports for flushing its output to disk."""
+    import re
+
+    m = re.search(r"flushed to disk in ([0-9.]+)s", stdout)
+    if not m:
+        raise RuntimeError(f"no flush timing in output: {stdout!r}")
+    return float(m.group(1))
+
+
 def read_rate(path: str) -> float:
-    """GB/s of a plain sequential read of every file under ``path`` (64 MB reads into one buffer)."""
+    """GB/s of a plain sequential read of every file under ``path`` (64 MB reads into one buffer),
+    from the disk (dropped from the page cache first)."""
+    drop_from_page_cache(path)
     buf = memoryview(bytearray(64 << 20))
     n, t = 0, time.perf_counter()
     for d, _, files in os.walk(path):
@@ -103,14 +132,15 @@ def read_rate(path: str) -> float:
 
 
 def write_rate(directory: str, nbytes: int = 10**9) -> float:
-    """GB/s of a plain sequential write of ``nbytes`` into ``directory`` (no fsync, like the
-    converters), the file removed afterwards."""
+    """GB/s of a plain sequential write of ``nbytes`` into ``directory`` and its fsync (the
+    converters flush their output too), the file removed afterwards."""
     block = bytes(64 << 20)
     path = os.path.join(directory, ".bench-write-rate")
     t = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
         for _ in range(max(1, nbytes // len(block))):
             f.write(block)
+        os.fsync(f.fileno())
     rate = max(1, nbytes // len(block)) * len(block) / 1e9 / max(time.perf_counter() - t, 1e-9)
     os.remove(path)
     return rate
@@ -149,31 +179,37 @@ def main() -> int:
         _, floor, _ = run_measured([sys.executable, "-c", _IMPORTS_ONLY.format(root=ROOT)], env)
         disk_write = write_rate(work)
         read_to = read_rate(ckpt)
+        drop_from_page_cache(ckpt)
         w_to, rss_to, out_to = run_measured([sys.executable, "-m", "ckpt_convert.to_hf", "--load", ckpt,
                                         "--output", hf_dir, "--no-progress", "--max-shard-size", "1GB",
                                         *workers], env)
         hf_bytes = dir_bytes(hf_dir)
         read_from = read_rate(hf_dir)
+        drop_from_page_cache(hf_dir)
         w_from, rss_from, out_from = run_measured([sys.executable, "-m", "ckpt_convert.from_hf", "--hf", hf_dir,
                                             "--save", back, "--no-progress", *workers], env)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     s_to, s_from = conversion_seconds(out_to), conversion_seconds(out_from)
+    f_to, f_from = flush_seconds(out_to), flush_seconds(out_from)
     gb = 1e9
     nw = args.workers or min(8, os.cpu_count() or 1)
     g_to, g_from = hf_bytes / gb / s_to, hf_bytes / gb / s_from
+    d_to, d_from = hf_bytes / gb / (s_to + f_to), hf_bytes / gb / (s_from + f_from)
     rows = [
-        "| direction | data | tensor s | GB/s | disk read GB/s (same files) | GB/s / disk read | "
-        "wall s (incl. imports) | peak RSS | peak RSS / data |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| megatron → HF (`to_hf --workers {nw}`) | {ckpt_bytes / gb:.2f} GB | {s_to:.2f} | {g_to:.2f} | "
-        f"{read_to:.2f} | {g_to / read_to:.2f} | {w_to:.1f} | {rss_to / gb:.2f} GB | {rss_to / ckpt_bytes:.2f} |",
+        "| direction | data | tensor s | flush s | GB/s (incl. flush) | disk read GB/s (same files, "
+        "not cached) | GB/s / disk read (incl. flush) | wall s (incl. imports) | peak RSS | "
+        "peak RSS / data |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| megatron → HF (`to_hf --workers {nw}`) | {ckpt_bytes / gb:.2f} GB | {s_to:.2f} | {f_to:.2f} | "
+        f"{g_to:.2f} ({d_to:.2f}) | {read_to:.2f} | {g_to / read_to:.2f} ({d_to / read_to:.2f}) | "
+        f"{w_to:.1f} | {rss_to / gb:.2f} GB | {rss_to / ckpt_bytes:.2f} |",
         f"| HF → megatron (`from_hf --workers {nw}`, streaming) | {hf_bytes / gb:.2f} GB | {s_from:.2f} | "
-        f"{g_from:.2f} | {read_from:.2f} | {g_from / read_from:.2f} | {w_from:.1f} | {rss_from / gb:.2f} GB | "
-        f"{rss_from / hf_bytes:.2f} |",
-        f"| (imports only: RSS floor) | | | | | | | {floor / gb:.2f} GB | |",
-        f"| (disk: plain 1 GB write into the work directory) | | | {disk_write:.2f} | | | | | |",
+        f"{f_from:.2f} | {g_from:.2f} ({d_from:.2f}) | {read_from:.2f} | {g_from / read_from:.2f} "
+        f"({d_from / read_from:.2f}) | {w_from:.1f} | {rss_from / gb:.2f} GB | {rss_from / hf_bytes:.2f} |",
+        f"| (imports only: RSS floor) | | | | | | | | {floor / gb:.2f} GB | |",
+        f"| (disk: plain 1 GB write + fsync into the work directory) | | | | {disk_write:.2f} | | | | | |",
     ]
     header = (f"\n### Checkpoint conversion (bench/convert.py; hidden {args.hidden}, {args.layers} layers, "
               f"{args.experts}+{args.experts // 2} experts, vocab {args.vocab}, fp32, "

@@ -6,18 +6,37 @@ its global offset, exactly as DCP's FileSystemWriter stores items, so DCP / mega
 under any sharding. Byte objects (megatron ShardedObjects such as ``_extra_state``) are stored
 verbatim. Several threads may add chunks at once (each writes its own files; the index is shared
 under a lock), which is how ``from_hf --workers`` reads and writes in parallel.
+
+:func:`zip_crc32_off`: ``torch.save`` computes a CRC-32 of every tensor for its zip records, a pass
+over the data that cost about half of ``from_hf``'s time; ``torch.load`` (and so DCP and
+megatron-core) never checks it (a flipped data byte loads silently), so the streaming import turns it
+off while it writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from ckpt_convert import ConversionError
+
+
+@contextlib.contextmanager
+def zip_crc32_off() -> Iterator[None]:
+    """``torch.save`` without the zip records' CRC-32 inside this block (process-wide setting: enter
+    it from one thread, around all the writing threads)."""
+    from torch.utils.serialization import config
+
+    if not hasattr(config.save, "compute_crc32"):   # older torch: nothing to switch
+        yield
+        return
+    with config.patch({"save.compute_crc32": False}):
+        yield
 
 
 class DCPWriter:

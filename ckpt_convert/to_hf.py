@@ -176,7 +176,8 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
     first_float = next(i.spec.dtype for i in items if i.spec.dtype.is_floating_point)
     dtype_name = str(first_float).replace("torch.", "")
     start = time.perf_counter()
-    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+    timings: dict = {}
+    with atomic_output_dir(output, overwrite=overwrite, timings=timings) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="to_hf",
                    disable=not progress, file=sys.stderr)
         # The config first: an unexportable model fails before any tensor is written.
@@ -196,7 +197,8 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
     seconds = time.perf_counter() - start
     return {"iteration": it, "bytes": total, "seconds": seconds, "tensors": len(items),
             "files": len(writer.files), "output": os.path.abspath(output),
-            "workers": workers or default_workers(), "data_seconds": data_seconds}
+            "workers": workers or default_workers(), "data_seconds": data_seconds,
+            "flush_seconds": timings["flush_seconds"]}
 
 
 def main(argv=None) -> int:
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
     print(f"wrote {summary['tensors']} tensors ({summary['bytes'] / 1e9:.3f} GB, {summary['files']} "
           f"file(s)) from iteration {summary['iteration']} to {summary['output']} in "
           f"{summary['seconds']:.1f}s (tensor data {summary['data_seconds']:.2f}s: {gbs:.2f} GB/s, "
-          f"{summary['workers']} workers)")
+          f"{summary['workers']} workers; flushed to disk in {summary['flush_seconds']:.2f}s)")
     if args.verify:
         from ckpt_convert.verify import verify_export
 

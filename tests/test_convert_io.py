@@ -339,6 +339,46 @@ def test_atomic_output_dir_leaves_nothing_on_error(tmp_path):
             pass
 
 
+def test_atomic_output_dir_flushes_every_file_and_directory_before_the_rename(tmp_path, monkeypatch):
+    """The rename commits the output: every file and directory under it is fsynced first."""
+    from ckpt_convert import output_dir
+
+    final, synced = tmp_path / "out", []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.path.exists(final)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(output_dir.os, "fsync", fsync)
+    timings = {}
+    with output_dir.atomic_output_dir(str(final), timings=timings) as tmp:
+        os.makedirs(os.path.join(tmp, "iter_0000000"))
+        for name in ("a.bin", "iter_0000000/b.distcp"):
+            open(os.path.join(tmp, name), "wb").write(b"x" * 10)
+    names = {os.path.relpath(path, tmp) for path, _ in synced}
+    assert names == {"a.bin", "iter_0000000/b.distcp", "iter_0000000", "."}
+    assert not any(committed for _, committed in synced)     # all before the rename
+    assert timings["flush_seconds"] >= 0 and sorted(os.listdir(final)) == ["a.bin", "iter_0000000"]
+
+
+def test_dcp_writer_without_zip_crc32_loads_exactly(tmp_path):
+    """from_hf writes without torch.save's zip CRC-32 (torch.load never checks it): same values."""
+    from ckpt_convert.dcp_reader import TorchDistReader
+    from ckpt_convert.dcp_writer import DCPWriter, zip_crc32_off
+
+    t = torch.randn(64, 8, generator=torch.Generator().manual_seed(4))
+    w = DCPWriter(str(tmp_path))
+    with zip_crc32_off():
+        w.add_chunk("w", t.shape, (0, 0), t)
+    w.finish()
+    json.dump({"sharded_backend": "torch_dist"}, open(tmp_path / "metadata.json", "w"))
+    assert torch.equal(TorchDistReader(str(tmp_path)).read("w"), t)
+    from torch.utils.serialization import config
+
+    assert config.save.compute_crc32             # switched back after the block
+
+
 def _tiny_hf_flash(tmp_path):
     from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
 
