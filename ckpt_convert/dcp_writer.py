@@ -51,7 +51,7 @@ class DCPWriter:
         self._writers = 0
         self._handles: list = []
         self._tensors: dict = {}
-        self._objects: set[str] = set()
+        self._objects: dict[str, None] = {}  # insertion order: a reproducible .metadata
         self._storage: dict = {}
 
     def _stream(self):
@@ -120,7 +120,7 @@ class DCPWriter:
         with self._lock:
             if key in self._objects:
                 raise ConversionError(f"object '{key}' written twice")
-            self._objects.add(key)
+            self._objects[key] = None
         info = self._append(payload)
         with self._lock:
             self._storage[MetadataIndex(fqn=key)] = info
