@@ -5,14 +5,19 @@ killed (e.g. by the out-of-memory killer). :class:`OrderedPool` keeps at most ``
 submitted to a spawn-context ``ProcessPoolExecutor``, yields results in input order, and turns a dead
 worker into :class:`WorkerDiedError` within about a second (the executor watches the worker
 processes). ``workers=0`` runs everything in the calling process (debugging, tiny inputs).
-Workers ignore SIGINT: Ctrl-C is handled once, by the parent, which then stops them.
+Workers ignore SIGINT: Ctrl-C is handled once, by the parent, which then stops them. A SIGINT or
+SIGTERM that arrives while ``submit`` is starting a worker is held until the start is complete: an
+interrupted start leaves a child that ``close`` cannot see, which would print an EOFError traceback
+when the parent is gone.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing as mp
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
@@ -22,6 +27,29 @@ from longcat_megatron.errors import UserInputError
 
 class WorkerDiedError(UserInputError):
     """A worker process died (killed by a signal, out of memory, ...); nothing was written."""
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM (those with Python-level handling) until the block ends, then act on
+    the first one held, as its handler would have (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signum, frame = held[0]
+            previous[signum](signum, frame)
 
 
 def _init(initializer: Callable, initargs: tuple) -> None:
@@ -50,7 +78,8 @@ class OrderedPool:
         in_flight: collections.deque = collections.deque()
         try:
             for item in items:
-                in_flight.append(self._executor.submit(fn, item))
+                with _stop_signals_held():          # submit may be starting a worker process
+                    in_flight.append(self._executor.submit(fn, item))
                 self._processes.update(getattr(self._executor, "_processes", None) or {})
                 if len(in_flight) >= max(1, window):
                     yield in_flight.popleft().result()
