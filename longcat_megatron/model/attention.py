@@ -291,7 +291,8 @@ class LongcatMLA(MegatronModule):
 def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A megatron bool mask (True = masked out) as the additive float mask (0 / -inf) SDPA's fused
     kernels take; float masks, None and a ``DocumentMask`` pass through. Convert once per forward
-    and share it: SDPA would otherwise convert (and keep for backward) a float copy in every attention call."""
+    and share it: SDPA would otherwise convert (and keep for backward) a float copy in every
+    attention call."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
