@@ -6,7 +6,11 @@ Example::
 
 Inputs are prefixes, or globs of ``.idx``/``.bin`` files (the extension is dropped); they are merged
 in sorted order. Each pair is checked first (a truncated or mismatched pair is an error). The output
-is streamed and renamed into place only when complete.
+is transactional like ``data_tools.preprocess``'s (``data_tools/run_output.py``): written into a
+private run directory, and the files of the prefix replaced together only when complete; an
+interrupted or failed merge leaves the previous output as it was. A merge replaces ``OUT.bin``,
+``.idx`` and ``.meta.json`` only: shards named like the output's (``OUT.00000`` merged into
+``OUT``) are kept, inputs or not, and inputs go only with ``--remove-inputs``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from data_tools.indexed_writer import IndexedWriter
+from data_tools.run_output import RunOutput
 from longcat_megatron.data.indexed_files import (
     SIDECAR_SUFFIX, IndexedDataError, check_indexed_pair,
 )
@@ -47,8 +52,27 @@ def expand_prefixes(patterns: list[str]) -> list[str]:
     return prefixes
 
 
+def merge_into(prefixes: list[str], output_prefix: str, *, remove_inputs: bool = False) -> dict:
+    """:func:`merge_datasets` as one transaction on ``output_prefix`` (what the CLI runs)."""
+    if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
+        raise IndexedDataError(f"--output-prefix '{output_prefix}' is also an input")
+    inputs = [prefix + ext for prefix in prefixes for ext in (".bin", ".idx", SIDECAR_SUFFIX)]
+    with RunOutput(output_prefix) as out:
+        counts = merge_datasets(prefixes, out.prefix)
+        # Only OUT.bin/.idx/.meta.json are replaced; shards OUT.NNNNN (inputs or not) are data.
+        replaced = {out.final_prefix + ext for ext in (".bin", ".idx", SIDECAR_SUFFIX)}
+        out.commit(keep=[p for p in out.previous_outputs() if p not in replaced])
+    if remove_inputs:
+        for path in inputs:
+            if os.path.exists(path):
+                os.remove(path)
+    return counts
+
+
 def merge_datasets(prefixes: list[str], output_prefix: str, *, remove_inputs: bool = False) -> dict:
-    """Concatenate datasets in the given order into ``output_prefix``; returns docs/tokens counts."""
+    """Concatenate datasets in the given order into ``output_prefix``; returns docs/tokens counts
+    (writes in place: callers that need a transaction use :func:`merge_into` or their own
+    ``RunOutput``, as preprocess ``--merge`` does)."""
     summaries = [check_indexed_pair(p) for p in prefixes]
     dtypes = {s["dtype"] for s in summaries}
     if len(dtypes) != 1:
@@ -80,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         prefixes = expand_prefixes(args.inputs)
-        counts = merge_datasets(prefixes, args.output_prefix, remove_inputs=args.remove_inputs)
+        counts = merge_into(prefixes, args.output_prefix, remove_inputs=args.remove_inputs)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

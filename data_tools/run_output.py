@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import tempfile
+from typing import Iterable
 
 from longcat_megatron.errors import UserInputError
 
@@ -128,18 +129,21 @@ class RunOutput:
         return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
                       if self._pattern.match(n) and os.path.isfile(os.path.join(self.directory, n)))
 
-    def commit(self) -> list[str]:
-        """Move the finished files into place (summary last); returns their final paths.
+    def commit(self, keep: Iterable[str] = ()) -> list[str]:
+        """Move the finished files into place (summary last); returns their final paths. Previous
+        outputs listed in ``keep`` stay (e.g. the input shards ``OUT.00000.bin`` of a merge into
+        ``OUT``).
 
         SIGINT/SIGTERM wait until it is done; every old file goes before any new one arrives, so even
         a SIGKILL in these milliseconds cannot leave old and new shards side by side.
         """
+        kept = {os.path.abspath(p) for p in keep}
         new = sorted(n for n in os.listdir(self.run_dir) if self._pattern.match(n))
         summary = f"{self.name}.summary.json"
         ordered = [n for n in new if n != summary] + ([summary] if summary in new else [])
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            old = self.previous_outputs()
+            old = [p for p in self.previous_outputs() if p not in kept]
             old_summary = os.path.join(self.directory, summary)
             for path in sorted(old, key=lambda p: p != old_summary):  # the old summary first
                 os.remove(path)

@@ -122,6 +122,36 @@ def test_interrupted_writer_leaves_nothing_complete(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_merge_cli_is_transactional_and_keeps_shard_inputs(tmp_path, monkeypatch):
+    """python -m data_tools.merge: shards OUT.00000/OUT.00001 merged into OUT stay (no
+    --remove-inputs); a merge that fails midway leaves the previous OUT and no run directory; a
+    merge of one shard replaces OUT and removes only that input (--remove-inputs)."""
+    from data_tools import merge
+
+    out = str(tmp_path / "out")
+    shards = [f"{out}.{i:05d}" for i in range(2)]
+    for i, prefix in enumerate(shards):
+        with IndexedWriter(prefix, np.uint16) as w:
+            w.add_documents(np.arange(12) % 50 + i, np.full(4, 3))
+            w.finalize()
+    assert merge.main(["--inputs", f"{out}.*.idx", "--output-prefix", out]) == 0
+    assert read_docs(out) == read_docs(shards[0]) + read_docs(shards[1])
+    before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
+
+    def fail_midway(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(IndexedWriter, "append_raw", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        merge.main(["--inputs", shards[1], "--output-prefix", out])
+    assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)} == before
+    monkeypatch.undo()
+    second = read_docs(shards[1])
+    assert merge.main(["--inputs", shards[1], "--output-prefix", out, "--remove-inputs"]) == 0
+    assert read_docs(out) == second
+    assert not os.path.exists(shards[1] + ".bin") and os.path.exists(shards[0] + ".bin")
+
+
 def test_truncated_or_mixed_pairs_are_detected(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for prefix, n in ((a, 7), (b, 9)):
