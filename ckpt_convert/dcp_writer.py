@@ -10,7 +10,8 @@ under a lock), which is how ``from_hf --workers`` reads and writes in parallel.
 :func:`zip_crc32_off`: ``torch.save`` computes a CRC-32 of every tensor for its zip records, a pass
 over the data that cost about half of ``from_hf``'s time; ``torch.load`` (and so DCP and
 megatron-core) never checks it (a flipped data byte loads silently), so the streaming import turns it
-off while it writes.
+off while it writes. Every ``.distcp`` file is hashed (SHA-256) as it is written, for the
+checkpoint's ``checksums.json`` (``write_manifest``), which training verifies on load.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ckpt_convert import ConversionError
+from longcat_megatron.training.checkpoint_integrity import open_digesting
 
 
 @contextlib.contextmanager
@@ -66,7 +68,7 @@ class DCPWriter:
                 local.fh.close()
             local.index += 1
             local.name = f"__{local.writer}_{local.index}.distcp"
-            local.fh = open(os.path.join(self.out_dir, local.name), "wb")
+            local.fh = open_digesting(os.path.join(self.out_dir, local.name))
             with self._lock:
                 self._handles.append(local.fh)
         return local.fh, local.name

@@ -381,6 +381,7 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
 
     from ckpt_convert.parallel_launch import launch
     from longcat_megatron.config import RunConfig, build_section, save_config
+    from longcat_megatron.training.checkpoint_integrity import write_manifest
     from longcat_megatron.training.checkpointing import CONFIG_NAME, TRACKER, iteration_dir
 
     reader = HFCheckpointReader(hf_dir)
@@ -422,6 +423,8 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
             run_cfg = build_section(RunConfig, tree, "")
             run_cfg.model = cfg
             save_config(run_cfg, os.path.join(iteration_dir(tmp, 0), CONFIG_NAME))
+            # checksums.json from the digests the writer took while writing (training verifies it)
+            write_manifest(iteration_dir(tmp, 0))
             with open(os.path.join(tmp, TRACKER), "w") as f:
                 f.write("0\n")
     return {"bytes": nbytes, "seconds": time.perf_counter() - start, "world": world,

@@ -180,6 +180,31 @@ def test_roundtrip_megatron_hf_megatron_is_bitwise(exported, imported):
     assert "num_experts: 4" in run_cfg
 
 
+def test_imported_checkpoint_has_checksums_that_training_verifies(imported, tmp_path):
+    """from_hf digests every file while writing (checksums.json); a flipped byte is named."""
+    import json
+    import shutil
+
+    from longcat_megatron.training.checkpoint_integrity import MANIFEST, verify_checkpoint
+
+    it = os.path.join(imported, "iter_0000000")
+    manifest = json.load(open(os.path.join(it, MANIFEST)))
+    names = set(manifest["files"])
+    assert {"run_config.yaml", ".metadata", "common.pt"} <= names
+    assert {n for n in os.listdir(it) if n.endswith(".distcp")} <= names
+    assert not any(n.endswith(".digest") for n in os.listdir(it))
+    assert verify_checkpoint(it) == []
+    copy = str(tmp_path / "iter")
+    shutil.copytree(it, copy)
+    shard = sorted(n for n in os.listdir(copy) if n.endswith(".distcp"))[0]
+    with open(os.path.join(copy, shard), "r+b") as f:
+        f.seek(os.path.getsize(os.path.join(copy, shard)) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    assert verify_checkpoint(copy) == [f"{os.path.join(copy, shard)}: content does not match its SHA-256 digest"]
+
+
 @pytest.mark.parametrize("tp,pp,ep", [(1, 2, 1), (2, 1, 2)])  # saved at TP=2; EP is in (2,1,2)
 def test_imported_checkpoint_loads_under_other_layouts(exported, imported, tp, pp, ep):
     _, ckpt, _, _ = exported

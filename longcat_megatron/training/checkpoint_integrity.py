@@ -89,6 +89,12 @@ class _DigestingFile:
         return getattr(self._f, name)
 
 
+def open_digesting(path: str) -> "_DigestingFile":
+    """``open(path, "wb")`` that leaves ``<path>.digest`` on close, for :func:`write_manifest`
+    (the checkpoint converters write their shards through it)."""
+    return _DigestingFile(os.fspath(path), "wb")
+
+
 def _digesting_open(file, mode="r", *args, **kwargs):
     if isinstance(file, (str, os.PathLike)) and mode == "wb" and not args and not kwargs:
         return _DigestingFile(os.fspath(file), mode)
