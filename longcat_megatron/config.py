@@ -312,6 +312,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
+# Longest sequence for which model.arch=gpt gets a dense per-sample document mask (8k: 64 MiB).
+GPT_DENSE_MASK_LIMIT = 8192
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks that need no process group (sizes vs. model shape, schedule names, batch sizes)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -326,6 +330,13 @@ def validate(cfg: RunConfig) -> None:
     if m.num_layers % p.pipeline:
         raise ConfigError(
             f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}"
+        )
+    if m.arch == "gpt" and cfg.data.reset_attention_mask and cfg.data.seq_length > GPT_DENSE_MASK_LIMIT:
+        raise ConfigError(
+            f"data.reset_attention_mask=true with model.arch=gpt and data.seq_length="
+            f"{cfg.data.seq_length}: megatron's GPTModel takes document masks as a dense [s, s] mask "
+            f"(limited to seq_length <= {GPT_DENSE_MASK_LIMIT}); the LongCat model "
+            "(model.arch=longcat) masks documents at any length"
         )
     if p.virtual_pipeline and m.num_layers % (p.pipeline * p.virtual_pipeline):
         raise ConfigError(

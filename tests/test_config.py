@@ -103,6 +103,15 @@ def test_ngram_eos_must_match_the_data_eos():
         load_config(cfg_path, ["data.mock=true", "model.ngram.eos_token_id=5"])
 
 
+def test_document_masks_at_long_sequences_need_the_longcat_model():
+    """LongCat masks packed documents at any length; megatron's GPTModel only with a dense mask."""
+    long = ["data.mock=true", "data.reset_attention_mask=true", "data.seq_length=16384",
+            "model.max_position_embeddings=16384"]
+    load_config(os.path.join(ROOT, "configs", "tiny_longcat.yaml"), long)
+    with pytest.raises(ConfigError, match=r"model.arch=gpt .* dense \[s, s\] mask"):
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), long)
+
+
 def test_dry_run_counts_longcat_parameters_like_the_model_summary():
     """The plan's total for LongCat-Flash-Lite is the summary's 68.56B (MTP excluded)."""
     proc = _cli("--config", os.path.join(ROOT, "configs", "longcat_flash_lite.yaml"), "--dry-run",
