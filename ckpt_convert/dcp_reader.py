@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ckpt_convert import ConversionError, tensor_nbytes
+from ckpt_convert.file_io import pread_fully, tensor_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d+)$")
@@ -400,27 +401,18 @@ def _merge(extents: list[Extent]) -> list[Extent]:
     return out
 
 
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """Writable byte view of a contiguous CPU tensor's memory (no copy)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
 def read_extents(extents: Sequence[Extent], dest: torch.Tensor) -> None:
     """Fill the contiguous CPU tensor ``dest`` from ``extents`` (``os.preadv``; raises OSError on a
     short file)."""
-    buf = as_bytes(dest)
+    buf = tensor_bytes(dest)
     fds: dict[str, int] = {}
     try:
         for e in extents:
             fd = fds.get(e.path)
             if fd is None:
                 fd = fds[e.path] = os.open(e.path, os.O_RDONLY)
-            view, offset = buf[e.dest:e.dest + e.length], e.offset
-            while len(view):
-                n = os.preadv(fd, [view], offset)
-                if n <= 0:
-                    raise OSError(f"'{e.path}' ends inside the data at byte {offset}")
-                view, offset = view[n:], offset + n
+            if not pread_fully(fd, buf[e.dest:e.dest + e.length], e.offset):
+                raise OSError(f"'{e.path}' ends inside the data at bytes {e.offset}..{e.offset + e.length}")
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -23,6 +23,7 @@ import torch
 
 from ckpt_convert import ConversionError
 from ckpt_convert.dcp_reader import TensorInfo
+from ckpt_convert.file_io import pread_fully, tensor_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
 # LongCat-Flash-Lite ships its MTP tensors in this file, outside the index.
@@ -122,16 +123,12 @@ class HFCheckpointReader:
             raise ValueError(f"{key}: rows {start}:{stop} are {shape} {info.dtype}, not {tuple(out.shape)} "
                              f"{out.dtype}")
         full = os.path.join(self.path, self.file_of[key])
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        pos = offset + start * row_bytes
+        view = tensor_bytes(out) if out.numel() else memoryview(b"")
         try:
             fd = os.open(full, os.O_RDONLY)
             try:
-                while len(view):
-                    n = os.preadv(fd, [view], pos)
-                    if n <= 0:
-                        raise ConversionError(f"'{full}' is truncated inside tensor '{key}'")
-                    view, pos = view[n:], pos + n
+                if not pread_fully(fd, view, offset + start * row_bytes):
+                    raise ConversionError(f"'{full}' is truncated inside tensor '{key}'")
             finally:
                 os.close(fd)
         except OSError as e:

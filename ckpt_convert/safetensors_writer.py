@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from ckpt_convert import ConversionError, tensor_nbytes
+from ckpt_convert.file_io import pwrite_fully, tensor_bytes
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -101,7 +102,7 @@ def copy_range(src: str, dst_fd: int, src_offset: int, length: int, dst_offset: 
                     buf = memoryview(bytearray(min(length, _COPY_BLOCK)))
                 n = os.preadv(fd, [buf[:min(length, len(buf))]], src_offset)
                 if n > 0:
-                    _pwrite_all(dst_fd, buf[:n], dst_offset)
+                    pwrite_fully(dst_fd, buf[:n], dst_offset)
             if n <= 0:
                 raise ConversionError(f"'{src}' ends at byte {src_offset}, inside the tensor data")
             length, src_offset, dst_offset = length - n, src_offset + n, dst_offset + n
@@ -129,20 +130,6 @@ def _shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
         shards[-1].append(spec)
         size += spec.nbytes
     return shards
-
-
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes (no copy for a contiguous CPU tensor)."""
-    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-    return memoryview(data.numpy())
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """``os.pwrite`` until every byte is written (one call writes at most ~2 GB on Linux)."""
-    data = data.cast("B") if data.format != "B" else data
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 class ShardedSafetensorsWriter:
@@ -216,7 +203,7 @@ class ShardedSafetensorsWriter:
                 fd = os.open(os.path.join(self.out_dir, self.files[si]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                              0o644)
                 fds.append(fd)
-                _pwrite_all(fd, memoryview(header), 0)
+                pwrite_fully(fd, memoryview(header), 0)
                 offset = len(header)
                 for spec in shard:
                     places.append((si, offset, spec))
@@ -238,7 +225,7 @@ class ShardedSafetensorsWriter:
                         offset += length
                 else:
                     self._check(spec, spec.name, data)
-                    _pwrite_all(fds[si], _as_bytes(data), offset)
+                    pwrite_fully(fds[si], tensor_bytes(data), offset)
                 del data
                 if self.progress is not None:
                     with lock:
@@ -274,7 +261,7 @@ class ShardedSafetensorsWriter:
         self._check(spec, name, tensor)
         if si != self._shard:
             self._open_shard(si)
-        self._fh.write(_as_bytes(tensor))
+        self._fh.write(tensor_bytes(tensor))
         self._pos += 1
         if self.progress is not None:
             self.progress.update(spec.nbytes)
