@@ -34,7 +34,7 @@ from longcat_megatron.data.check import check_data
 from longcat_megatron.data.mcore_helpers import ensure_dataset_helpers
 from longcat_megatron.data.sampler import check_batch_layout, micro_batch_indices
 from longcat_megatron.data.tokenizer import resolve_eod_token_id
-from longcat_megatron.model.document_mask import DocumentMask
+from longcat_megatron.model.document_mask import DocumentMask, starts_after_eod
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class DocumentsAfterEod:
 
     def __getitem__(self, idx: int) -> dict:
         sample = dict(self.dataset[idx])
-        after_eod = torch.nonzero(sample["tokens"][:-1] == self.eod_token_id).flatten() + 1
-        sample["document_starts"] = torch.cat([torch.zeros(1, dtype=torch.long), after_eod])
+        sample["document_starts"] = starts_after_eod(sample["tokens"], self.eod_token_id)
         return sample
 
 

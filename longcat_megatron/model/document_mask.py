@@ -15,10 +15,18 @@ model's ``forward(input_ids, position_ids, attention_mask, ...)`` contract stays
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+
+def starts_after_eod(tokens: torch.Tensor, eod_token_id: int) -> torch.Tensor:
+    """Document starts of one sample's input ``tokens [s]``: 0 and the position after every EOD
+    token (megatron's ``reset_attention_mask`` rule), int64."""
+    after_eod = torch.nonzero(tokens[:-1] == eod_token_id).flatten() + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long, device=tokens.device), after_eod])
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class DocumentMask:
 
     starts: tuple[tuple[int, ...], ...]
     seq_length: int
+    # pieces() per query range, computed once per micro-batch and reused by every attention layer
+    _pieces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for i, starts in enumerate(self.starts):
@@ -47,18 +57,14 @@ class DocumentMask:
     def from_eod(cls, tokens: torch.Tensor, eod_token_id: int) -> "DocumentMask":
         """Documents of input ``tokens [b, s]`` that end with ``eod_token_id``: a new document starts
         after every EOD token (megatron's ``reset_attention_mask`` rule)."""
-        b, s = tokens.shape
-        starts = []
-        for row in tokens:
-            after_eod = (torch.nonzero(row[:-1] == eod_token_id).flatten() + 1).tolist()
-            starts.append([0] + after_eod)
-        return cls.from_starts(starts, s)
+        return cls.from_starts([starts_after_eod(row, eod_token_id).tolist() for row in tokens],
+                               tokens.shape[1])
 
     @property
     def batch_size(self) -> int:
         return len(self.starts)
 
-    @property
+    @cached_property
     def same_for_every_sample(self) -> bool:
         """Whether all samples share one document layout (one attention call per piece then)."""
         return all(s == self.starts[0] for s in self.starts[1:])
@@ -67,7 +73,13 @@ class DocumentMask:
         """Causal attention pieces for the queries at global positions ``[query_start, query_end)``
         of ``sample``: ``(key_start, piece_start, piece_end)`` per document they cover; the queries
         ``[piece_start, piece_end)`` attend to keys ``[key_start, piece_end)`` bottom-right
-        aligned (query ``p`` sees keys ``key_start .. p``)."""
+        aligned (query ``p`` sees keys ``key_start .. p``). Cached: every layer asks the same."""
+        key = (sample, query_start, query_end)
+        if key not in self._pieces:
+            self._pieces[key] = self._compute_pieces(sample, query_start, query_end)
+        return self._pieces[key]
+
+    def _compute_pieces(self, sample: int, query_start: int, query_end: int):
         starts = self.starts[sample]
         ends = starts[1:] + (self.seq_length,)
         out = []
