@@ -30,7 +30,7 @@
 #                    (LONGCAT_JOB_START_TIME), so start-up counts against it
 #   HANG_TIMEOUT_MINS   train.hang_timeout_mins for launched jobs (default 20, 0 = off): a rank on
 #                    which no step completes for that long dumps its Python stacks to LONGCAT_LOG_DIR
-#                    (default: the checkpoint directory) and exits 76, and the job is requeued
+#                    (default: CKPT_DIR/logs) and exits 76, and the job is requeued
 #   SAVE_GRACE_S     torchrun's shutdown timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): seconds it lets
 #                    ranks finish after a forwarded signal or a failed rank before SIGKILL (default
 #                    300). Under SLURM torchrun does not handle SIGUSR1 at all (the ranks get it from
@@ -98,8 +98,6 @@ lc_setup_env() {
 }
 
 # --- small helpers used by the stage scripts --------------------------------------------------------
-lc_ceil_div() { echo $(( ($1 + $2 - 1) / $2 )); }
-
 # lc_set FIELD VALUE: append FIELD=VALUE to STAGE_OVERRIDES when VALUE is not empty (empty = keep the
 # config file's value).
 lc_set() { [ -n "$2" ] && STAGE_OVERRIDES+=("$1=$2"); return 0; }
@@ -110,9 +108,6 @@ lc_set_parallel() {
     lc_set parallel.virtual_pipeline "${VPP:-}"; lc_set parallel.context "${CP:-}"
     lc_set parallel.expert "${EP:-}"; lc_set parallel.sequence_parallel "${SEQUENCE_PARALLEL:-}"
 }
-
-# WSD decay length: WSD_DECAY_FRACTION of the train iterations (at least 1).
-lc_wsd_decay_iters() { awk -v n="$1" -v f="$2" 'BEGIN { d = int(n * f); print (d < 1) ? 1 : d }'; }
 
 # Iteration of the last committed checkpoint in $1 (empty when none).
 lc_committed_iteration() {
@@ -247,7 +242,7 @@ lc_main() {
     local dur; dur="$(lc_exit_duration_override)"
     [ -n "$dur" ] && LC_RUNTIME_OVERRIDES+=("$dur")
     [ "${HANG_TIMEOUT_MINS:-20}" != 0 ] && LC_RUNTIME_OVERRIDES+=("train.hang_timeout_mins=${HANG_TIMEOUT_MINS:-20}")
-    [ -n "${LC_CKPT_DIR:-}" ] && export LONGCAT_LOG_DIR="${LONGCAT_LOG_DIR:-$LC_CKPT_DIR}"
+    [ -n "${LC_CKPT_DIR:-}" ] && export LONGCAT_LOG_DIR="${LONGCAT_LOG_DIR:-$LC_CKPT_DIR/logs}"
     if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${LONGCAT_NO_SLURM:-}" ]; then
         lc_run_slurm "$@"
     else
@@ -356,7 +351,7 @@ processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
     else
         local sig; sig="$(lc_failure_signature "$LONGCAT_FAILURE_FILE" "$LONGCAT_EXIT_CODES" "$rc")"
         if [ "$hung" = 1 ]; then
-            lc_log "training hung (watchdog exit 76; Python stacks in ${LONGCAT_LOG_DIR:-the checkpoint directory}/hang-stacks-rank*.txt): $sig"
+            lc_log "training hung (watchdog exit 76; Python stacks in ${LONGCAT_LOG_DIR:-CKPT_DIR/logs}/hang-stacks-rank*.txt): $sig"
         else
             lc_log "training crashed (exit $rc): $sig"
         fi

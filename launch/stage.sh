@@ -48,15 +48,12 @@ lc_stage() {  # $1 = stage (pretrain, midtrain_32k, midtrain_128k, sft), $2 = sc
     lc_set schedule.warmup_iters "${WARMUP_ITERS:-}"
     lc_set_parallel
     local out decay budget
-    if [ -n "${TRAIN_ITERS:-}" ]; then   # explicit iterations: no token budget needed
-        decay="$(lc_wsd_decay_iters "$TRAIN_ITERS" "${WSD_DECAY_FRACTION:-0.1}")"
-        budget=""
-    else
-        out="$("$PYTHON" -W ignore -m longcat_megatron.recipe iterations --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"} \
-            --tokens "${TOKEN_BUDGET:-}" --wsd-decay-fraction "${WSD_DECAY_FRACTION:-}" "${STAGE_OVERRIDES[@]}")" \
-            || lc_die "cannot derive the stage's iterations (see the error above)"
-        read -r TRAIN_ITERS decay budget <<< "$out"
-    fi
+    # explicit TRAIN_ITERS: no token budget needed, the decay fraction still comes from the stage file
+    out="$("$PYTHON" -W ignore -m longcat_megatron.recipe iterations --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"} \
+        --tokens "${TOKEN_BUDGET:-}" --wsd-decay-fraction "${WSD_DECAY_FRACTION:-}" ${TRAIN_ITERS:+--iters "$TRAIN_ITERS"} \
+        "${STAGE_OVERRIDES[@]}")" || lc_die "cannot derive the stage's iterations (see the error above)"
+    read -r TRAIN_ITERS decay budget <<< "$out"
+    [ "$budget" = 0 ] && budget=""
     lc_log "recipe: $CONFIG + ${STAGE_FILE:-no stage file}; $TRAIN_ITERS iterations${budget:+ for $budget tokens}"
     STAGE_OVERRIDES+=(train.train_iters="$TRAIN_ITERS" schedule.wsd_decay_iters="$decay"
                       checkpoint.save="$CKPT_DIR")

@@ -156,19 +156,23 @@ def stage_recipe(path: str) -> dict:
 
 
 def stage_iterations(config: str, stage: Optional[str], overrides: Sequence[str] = (),
-                     token_budget=None, wsd_decay_fraction=None) -> tuple[int, int, int]:
+                     token_budget=None, wsd_decay_fraction=None,
+                     train_iters: Optional[int] = None) -> tuple[int, int, int]:
     """(train_iters, wsd_decay_iters, budget tokens) of a stage: the token budget (argument, else the
-    stage file's) over the resolved sequence length, batch and batch schedule."""
+    stage file's) over the resolved sequence length, batch and batch schedule; with ``train_iters``
+    given, those iterations (budget 0) with the stage's decay fraction."""
     from longcat_megatron.config import load_config
     from longcat_megatron.training.batch_schedule import iterations_for_tokens, parse_tokens
 
     section = stage_recipe(stage) if stage else {}
+    fraction = float(wsd_decay_fraction if wsd_decay_fraction not in (None, "")
+                     else section.get("wsd_decay_fraction", 0.1))
+    if train_iters:
+        return train_iters, max(1, int(train_iters * fraction)), 0
     budget = token_budget if token_budget not in (None, "") else section.get("token_budget")
     if budget in (None, ""):
         raise UserInputError("no token budget: set TOKEN_BUDGET (e.g. 11T) or recipe.token_budget in the "
                              "stage file")
-    fraction = float(wsd_decay_fraction if wsd_decay_fraction not in (None, "")
-                     else section.get("wsd_decay_fraction", 0.1))
     # (data.mock: no corpus needed; wsd_decay_iters is what this computes, any positive value validates)
     cfg = load_config(config, (stage_overrides(stage) if stage else []) + list(overrides)
                       + ["data.mock=true", "schedule.wsd_decay_iters=1"])
@@ -179,7 +183,8 @@ def stage_iterations(config: str, stage: Optional[str], overrides: Sequence[str]
 
 def main(argv=None) -> int:
     """``python -m longcat_megatron.recipe iterations --config C [--stage S] [--tokens 11T]
-    [--wsd-decay-fraction F] [overrides]`` prints ``TRAIN_ITERS WSD_DECAY_ITERS BUDGET_TOKENS``."""
+    [--wsd-decay-fraction F] [--iters N] [overrides]`` prints ``TRAIN_ITERS WSD_DECAY_ITERS
+    BUDGET_TOKENS`` (budget 0 with ``--iters``)."""
     import argparse
     import sys
 
@@ -189,11 +194,13 @@ def main(argv=None) -> int:
     p.add_argument("--stage", default=None)
     p.add_argument("--tokens", default=None, help="token budget (11T, 80B, 1.5e12); default: the stage file's")
     p.add_argument("--wsd-decay-fraction", default=None)
+    p.add_argument("--iters", type=int, default=None,
+                   help="explicit iterations (no token budget): prints them with the stage's decay")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     try:
         iters, decay, budget = stage_iterations(args.config, args.stage, args.overrides, args.tokens,
-                                                args.wsd_decay_fraction)
+                                                args.wsd_decay_fraction, args.iters)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

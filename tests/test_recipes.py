@@ -99,3 +99,14 @@ def test_flash_stage_script_dry_run_lists_guesses():
     assert "recipe: configs/longcat_flash.yaml + configs/stages/flash_midtrain_32k.yaml; 2385 iterations" in text
     assert "GUESSED values" in text and "optimizer.lr = 1.0e-4" in text
     assert "model.rotary_base = 5000000.0" in text
+
+
+def test_explicit_train_iters_keep_the_stage_files_decay_fraction():
+    """TRAIN_ITERS=N launch/midtrain.sh: N iterations, WSD decay = the stage file's fraction of N."""
+    from longcat_megatron.recipe import stage_iterations, stage_recipe
+
+    stage = os.path.join(ROOT, "configs", "stages", "lite_midtrain_32k.yaml")
+    fraction = float(stage_recipe(stage)["wsd_decay_fraction"])
+    assert fraction != 0.1                                  # else this test could not tell
+    config = os.path.join(ROOT, "configs", "longcat_flash_lite.yaml")
+    assert stage_iterations(config, stage, train_iters=1000) == (1000, int(1000 * fraction), 0)

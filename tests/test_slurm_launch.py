@@ -198,6 +198,8 @@ def test_midtrain_then_sft_start_from_the_previous_stage(straight, slurm_cluster
     assert "model.rope_type=yarn model.yarn_factor=4" in log and "model.max_position_embeddings=256" in log
     assert f"starting a new stage from the weights of {pre_ckpt}/iter_{ITERS:07d}" in log
     assert re.search(r"^iter\s+1/6 \|", log, re.M) and tracker(mid_ckpt) == 6
+    # launches are recorded where `python -m longcat_megatron.status CKPT_DIR` reads them
+    assert "start" in (mid_ckpt / "logs" / "events.log").read_text()
     # sft: packed chat data with loss masks, from midtrain's checkpoint
     sft = Job("launch/sft.sh",
               stage_env(slurm_cluster, sft_ckpt, INIT_FROM=mid_ckpt, SEQ_LENGTH=128, TRAIN_ITERS=4, CP=1,

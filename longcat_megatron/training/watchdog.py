@@ -54,7 +54,8 @@ class HangWatchdog:
         if self.timeout_s > 0:
             try:
                 os.makedirs(self.dump_dir, exist_ok=True)
-                self._backstop = open(stacks_path(self.dump_dir, self.rank), "w")
+                # append: a requeued run keeps the stacks of the hang that caused the requeue
+                self._backstop = open(stacks_path(self.dump_dir, self.rank), "a")
             except OSError:
                 self._backstop = None
             atexit.register(self.stop)  # also after an uncaught exception: no empty stacks file left
@@ -97,7 +98,7 @@ class HangWatchdog:
                 f"{self.timeout_s / 60:g}); last completed iteration {self.iteration}")
         try:
             os.makedirs(self.dump_dir, exist_ok=True)
-            with open(path, "w") as f:
+            with open(path, "a") as f:
                 f.write(f"rank {self.rank} pid {os.getpid()} host {socket.gethostname()} "
                         f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {what}\n\n")
                 f.flush()
