@@ -9,7 +9,8 @@
    1 TB checkpoint would be: far larger than memory), 64 MB ``readinto``; and a plain 1 GB write into
    the work directory with its ``fsync``;
 3. ``to_hf --workers N`` in a fresh process, its input dropped from the cache the same way: tensor
-   seconds and GB/s, the time its final fsync took (the converters flush their output before the
+   seconds and GB/s (of the bytes its input holds on disk: the HF side's zero-expert tensors are
+   holes, neither read nor written), the time its final fsync took (the converters flush their output before the
    rename that commits it), GB/s including that flush, peak RSS, and each GB/s / disk read rate;
 4. ``from_hf --workers N`` (streaming) of that output, the same figures (its input: the HF files);
 5. the RSS of a process that only imports the same libraries (the floor).
@@ -122,13 +123,14 @@ def read_rate(path: str) -> float:
     from the disk (dropped from the page cache first)."""
     drop_from_page_cache(path)
     buf = memoryview(bytearray(64 << 20))
-    n, t = 0, time.perf_counter()
+    t = time.perf_counter()
     for d, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(d, name), "rb", buffering=0) as f:
-                while k := f.readinto(buf):
-                    n += k
-    return n / 1e9 / max(time.perf_counter() - t, 1e-9)
+                while f.readinto(buf):
+                    pass
+    # bytes stored on disk: holes (to_hf's zero-expert tensors) read as zeros without disk I/O
+    return stored_bytes(path) / 1e9 / max(time.perf_counter() - t, 1e-9)
 
 
 def write_rate(directory: str, nbytes: int = 10**9) -> float:
@@ -146,8 +148,9 @@ def write_rate(directory: str, nbytes: int = 10**9) -> float:
     return rate
 
 
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+def stored_bytes(path: str) -> int:
+    """Bytes the files under ``path`` occupy on disk (allocated blocks: holes do not count)."""
+    return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(path) for f in fs)
 
 
 def main() -> int:
@@ -174,7 +177,7 @@ def main() -> int:
         if build.returncode:
             raise RuntimeError(build.stderr[-3000:])
         print(f"built synthetic checkpoint in {time.perf_counter() - t:.0f}s", file=sys.stderr)
-        ckpt_bytes = dir_bytes(ckpt)
+        ckpt_bytes = stored_bytes(ckpt)
         workers = ["--workers", str(args.workers)] if args.workers else []
         _, floor, _ = run_measured([sys.executable, "-c", _IMPORTS_ONLY.format(root=ROOT)], env)
         disk_write = write_rate(work)
@@ -183,7 +186,7 @@ def main() -> int:
         w_to, rss_to, out_to = run_measured([sys.executable, "-m", "ckpt_convert.to_hf", "--load", ckpt,
                                         "--output", hf_dir, "--no-progress", "--max-shard-size", "1GB",
                                         *workers], env)
-        hf_bytes = dir_bytes(hf_dir)
+        hf_bytes = stored_bytes(hf_dir)
         read_from = read_rate(hf_dir)
         drop_from_page_cache(hf_dir)
         w_from, rss_from, out_from = run_measured([sys.executable, "-m", "ckpt_convert.from_hf", "--hf", hf_dir,
@@ -195,8 +198,9 @@ def main() -> int:
     f_to, f_from = flush_seconds(out_to), flush_seconds(out_from)
     gb = 1e9
     nw = args.workers or min(8, os.cpu_count() or 1)
-    g_to, g_from = hf_bytes / gb / s_to, hf_bytes / gb / s_from
-    d_to, d_from = hf_bytes / gb / (s_to + f_to), hf_bytes / gb / (s_from + f_from)
+    # each direction's rate counts the bytes its input holds on disk (what it must read)
+    g_to, g_from = ckpt_bytes / gb / s_to, hf_bytes / gb / s_from
+    d_to, d_from = ckpt_bytes / gb / (s_to + f_to), hf_bytes / gb / (s_from + f_from)
     rows = [
         "| direction | data | tensor s | flush s | GB/s (incl. flush) | disk read GB/s (same files, "
         "not cached) | GB/s / disk read (incl. flush) | wall s (incl. imports) | peak RSS | "
