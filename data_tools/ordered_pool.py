@@ -102,10 +102,9 @@ class OrderedPool:
         """Stop the workers now (running tasks are abandoned)."""
         if self._executor is None:
             return
+        # (a stop cannot land inside submit's worker start: map holds it until the start is done,
+        # so the executor has recorded every worker)
         self._processes.update(getattr(self._executor, "_processes", None) or {})
-        # A stop (Ctrl-C) inside the first submit can leave a worker that the executor never
-        # recorded; still starting, it would print an EOFError traceback once we are gone.
-        self._processes.update({p.pid: p for p in mp.active_children()})
         for p in self._processes.values():
             if p.is_alive():
                 p.terminate()

@@ -80,8 +80,8 @@ def pack_to_sample(ids, mask, lengths, seq_length: int, reset_position_ids: bool
     segment[:used] = np.repeat(np.arange(len(lengths)), lengths)
     seg_in, seg_label = segment[:-1], segment[1:]
     loss_mask = full_mask[1:] * (seg_in == seg_label)
+    starts = np.concatenate([[0], np.cumsum(lengths)])  # per conversation; starts[-1] == used (padding)
     if reset_position_ids:
-        starts = np.concatenate([[0], np.cumsum(lengths)])  # starts[len(lengths)] == used (padding)
         position_ids = np.arange(seq_length) - starts[seg_in]
     else:
         position_ids = np.arange(seq_length)
@@ -93,8 +93,8 @@ def pack_to_sample(ids, mask, lengths, seq_length: int, reset_position_ids: bool
     }
     if reset_attention_mask:
         # Input position p belongs to the conversation of token p; the padding is one more.
-        starts = np.unique(np.concatenate([[0], np.cumsum(lengths)]))
-        sample["document_starts"] = torch.from_numpy(starts[starts < seq_length].astype(np.int64))
+        inside = np.unique(starts[starts < seq_length])
+        sample["document_starts"] = torch.from_numpy(inside.astype(np.int64))
     return sample
 
 

@@ -93,10 +93,10 @@ class DocumentMask:
         """The same mask as megatron's dense bool ``[b, 1, s, s]`` (True = masked out); for tests and
         small sequences only."""
         s = self.seq_length
-        doc = torch.zeros(self.batch_size, s, dtype=torch.long, device=device)
+        marks = torch.zeros(self.batch_size, s, dtype=torch.int32)
         for i, starts in enumerate(self.starts):
-            for start in starts[1:]:
-                doc[i, start:] += 1
+            marks[i, list(starts[1:])] = 1
+        doc = marks.cumsum(1).to(device)                                  # document index per token
         causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & (doc[:, :, None] == doc[:, None, :])
         return (~allowed)[:, None]

@@ -64,6 +64,8 @@ def _kernel(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> Optional[to
         return None
     try:
         return torch._grouped_mm(a, b, offs=offs)
+    except torch.OutOfMemoryError:
+        raise                         # memory, not the kernel: do not fall back for good
     except RuntimeError:
         _GROUPED_MM_OK[key] = False   # e.g. a GPU/dtype the kernel does not cover
         return None

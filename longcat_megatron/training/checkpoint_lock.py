@@ -16,7 +16,6 @@ import socket
 import time
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from longcat_megatron import collectives
@@ -81,10 +80,7 @@ def lock_save_dir(root: Optional[str]) -> SaveDirLock:
     fd, holder = (None, "")
     if rank == 0:
         fd, holder = _try_lock(root)
-    flag = torch.tensor([0 if (rank != 0 or fd is not None) else 1], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = collectives.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if int(flag.item()):
+    if collectives.any_rank(rank == 0 and fd is None):
         who = holder if rank == 0 else "see rank 0's message for the holder"
         raise CheckpointDirLocked(
             f"checkpoint directory {root} is in use by another run ({who}; lock file "

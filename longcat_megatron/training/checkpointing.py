@@ -339,20 +339,15 @@ def _parallel_strategy(action: str, fully_parallel: bool, path: Optional[str] = 
 
 
 def _sum_over_ranks(value: int) -> int:
-    total = torch.tensor([value], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        total = collectives.all_reduce(total)
-    return int(total.item())
+    return int(collectives.all_reduce(torch.tensor([value], dtype=torch.int64)).item())
 
 
 def _agree(problem: Optional[Exception], elsewhere: str) -> None:
     """Collective: raise ``problem`` here, or a pointer to the rank that had one, on every rank."""
-    flag = torch.tensor([1 if problem is not None else 0], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = collectives.all_reduce(flag, op=dist.ReduceOp.MAX)
+    anywhere = collectives.any_rank(problem is not None)
     if problem is not None:
         raise problem
-    if int(flag.item()):
+    if anywhere:
         raise integrity.CheckpointSaveError(elsewhere)
 
 
