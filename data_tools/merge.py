@@ -54,18 +54,13 @@ def expand_prefixes(patterns: list[str]) -> list[str]:
 
 def merge_into(prefixes: list[str], output_prefix: str, *, remove_inputs: bool = False) -> dict:
     """:func:`merge_datasets` as one transaction on ``output_prefix`` (what the CLI runs)."""
-    if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
-        raise IndexedDataError(f"--output-prefix '{output_prefix}' is also an input")
-    inputs = [prefix + ext for prefix in prefixes for ext in (".bin", ".idx", SIDECAR_SUFFIX)]
+    _check_not_an_input(output_prefix, prefixes)
     with RunOutput(output_prefix) as out:
         counts = merge_datasets(prefixes, out.prefix)
         # Only OUT.bin/.idx/.meta.json are replaced; shards OUT.NNNNN (inputs or not) are data.
-        replaced = {out.final_prefix + ext for ext in (".bin", ".idx", SIDECAR_SUFFIX)}
-        out.commit(keep=[p for p in out.previous_outputs() if p not in replaced])
+        out.commit(keep=[p for p in out.previous_outputs() if p not in _pair_files(out.final_prefix)])
     if remove_inputs:
-        for path in inputs:
-            if os.path.exists(path):
-                os.remove(path)
+        _remove_pairs(prefixes)
     return counts
 
 
@@ -79,18 +74,30 @@ def merge_datasets(prefixes: list[str], output_prefix: str, *, remove_inputs: bo
         raise IndexedDataError(f"cannot merge datasets of different token dtypes {sorted(dtypes)}: {prefixes}")
     if any(s["documents"] != s["sequences"] for s in summaries):
         raise IndexedDataError("merge supports one sequence per document (as data_tools.preprocess writes)")
-    if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
-        raise IndexedDataError(f"--output-prefix '{output_prefix}' is also an input")
+    _check_not_an_input(output_prefix, prefixes)
     with IndexedWriter(output_prefix, np.dtype(dtypes.pop())) as writer:
         for prefix, summary in zip(prefixes, summaries):
             writer.append_raw(prefix + ".bin", _lengths(prefix, summary["sequences"]))
         counts = writer.finalize({"merged_from": [os.path.abspath(p) for p in prefixes]})
     if remove_inputs:
-        for prefix in prefixes:
-            for ext in (".bin", ".idx", SIDECAR_SUFFIX):
-                if os.path.exists(prefix + ext):
-                    os.remove(prefix + ext)
+        _remove_pairs(prefixes)
     return counts
+
+
+def _pair_files(prefix: str) -> list[str]:
+    """The files of one indexed dataset: ``.bin``, ``.idx`` and the sidecar."""
+    return [prefix + ext for ext in (".bin", ".idx", SIDECAR_SUFFIX)]
+
+
+def _check_not_an_input(output_prefix: str, prefixes: list[str]) -> None:
+    if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
+        raise IndexedDataError(f"--output-prefix '{output_prefix}' is also an input")
+
+
+def _remove_pairs(prefixes: list[str]) -> None:
+    for path in (f for prefix in prefixes for f in _pair_files(prefix)):
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,6 +5,7 @@ GPT MoE: stacked layers, experts, TP-split matrices), so the reader is checked a
 each rank actually held, not against itself.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -213,16 +214,22 @@ def test_parallel_writer_files_equal_sequential_and_bound_memory(tmp_path):
     for k, v in tensors.items():
         w.write(k, v)
     w.finish()
+    import weakref
+
     alive, peak, lock = [0], [0], threading.Lock()
 
+    def freed():
+        with lock:
+            alive[0] -= 1
+
     def produce(name):
+        # counted from production until the writer lets the tensor go (garbage-collected)
+        t = tensors[name].clone()
         with lock:
             alive[0] += 1
             peak[0] = max(peak[0], alive[0])
-        t = tensors[name].clone()
+        weakref.finalize(t, freed)
         threading.Event().wait(0.01)
-        with lock:
-            alive[0] -= 1
         return t
 
     ShardedSafetensorsWriter(str(par), specs, max_shard_bytes=200).write_parallel(produce, workers=4)
@@ -359,7 +366,8 @@ def test_atomic_output_dir_flushes_every_file_and_directory_before_the_rename(tm
     names = {os.path.relpath(path, tmp) for path, _ in synced}
     assert names == {"a.bin", "iter_0000000/b.distcp", "iter_0000000", "."}
     assert not any(committed for _, committed in synced)     # all before the rename
-    assert timings["flush_seconds"] >= 0 and sorted(os.listdir(final)) == ["a.bin", "iter_0000000"]
+    assert isinstance(timings["flush_seconds"], float)
+    assert sorted(os.listdir(final)) == ["a.bin", "iter_0000000"]
 
 
 def test_dcp_writer_without_zip_crc32_loads_exactly(tmp_path):
@@ -367,16 +375,27 @@ def test_dcp_writer_without_zip_crc32_loads_exactly(tmp_path):
     from ckpt_convert.dcp_reader import TorchDistReader
     from ckpt_convert.dcp_writer import DCPWriter, zip_crc32_off
 
-    t = torch.randn(64, 8, generator=torch.Generator().manual_seed(4))
-    w = DCPWriter(str(tmp_path))
-    with zip_crc32_off():
-        w.add_chunk("w", t.shape, (0, 0), t)
-    w.finish()
-    json.dump({"sharded_backend": "torch_dist"}, open(tmp_path / "metadata.json", "w"))
-    assert torch.equal(TorchDistReader(str(tmp_path)).read("w"), t)
+    import zipfile
+
     from torch.utils.serialization import config
 
-    assert config.save.compute_crc32             # switched back after the block
+    t = torch.randn(64, 8, generator=torch.Generator().manual_seed(4))
+    crcs = {}
+    for crc in (True, False):
+        out = tmp_path / f"crc_{crc}"
+        out.mkdir()
+        w = DCPWriter(str(out))
+        with contextlib.nullcontext() if crc else zip_crc32_off():
+            w.add_chunk("w", t.shape, (0, 0), t)
+        w.finish()
+        json.dump({"sharded_backend": "torch_dist"}, open(out / "metadata.json", "w"))
+        assert torch.equal(TorchDistReader(str(out)).read("w"), t)
+        # the chunk is the only zip in its .distcp file: read its records' CRC fields
+        [distcp] = [n for n in os.listdir(out) if n.endswith(".distcp")]
+        with zipfile.ZipFile(out / distcp) as z:
+            crcs[crc] = {i.filename.rsplit("/", 1)[-1]: i.CRC for i in z.infolist()}
+    assert crcs[True]["0"] != 0 and crcs[False]["0"] == 0    # "0": the tensor's data record
+    assert config.save.compute_crc32                       # switched back after the block
 
 
 def _tiny_hf_flash(tmp_path):

@@ -73,6 +73,7 @@ def test_changed_schedule_is_applied_from_the_resumed_iteration(tmp_path):
     r = run_distributed(_schedule_session, 1, str(tmp_path))[0]
     first, second = r["first"], r["second"]
     assert first["iteration"] == 4 and second["resumed_from"] == 4 and second["iteration"] == 8
+    assert sorted(first["lrs"]) == [1, 2, 3, 4]
     for n, lr in first["lrs"].items():
         assert math.isclose(lr, _wsd_lr(n, 1e-3, 1e-4, 2, 8, 2), rel_tol=1e-9), (n, lr)
     # iterations 5..8 follow the NEW definition (lr 5e-2, WSD decay over the last 3 iterations)
@@ -115,6 +116,7 @@ def test_stage_chaining_keeps_or_drops_adam_and_resumes_its_own_checkpoint(tmp_p
     assert a["resumed_from"] is None and sorted(a["losses"]) == [1, 2]
     assert f"starting a new stage from the weights and optimizer state of {tmp_path}/pre/iter_0000006" in a["log"]
     cosine = lambda n: 5e-4 + 0.5 * (5e-3 - 5e-4) * (1 + math.cos(math.pi * (n - 1) / 3))  # noqa: E731
+    assert sorted({**a["lrs"], **b["lrs"]}) == [1, 2, 3, 4]
     for n, lr in {**a["lrs"], **b["lrs"]}.items():
         assert math.isclose(lr, cosine(n), rel_tol=1e-9), (n, lr)
     # resubmitted with the same overrides: resumes its own checkpoint, not the previous stage's
