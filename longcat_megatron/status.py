@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from longcat_megatron.errors import UserInputError
-
-TRACKER = "latest_checkpointed_iteration.txt"
-EXIT_REQUEUE = 75
+from longcat_megatron.training.checkpointing import (
+    CONFIG_NAME, TRACKER, iteration_dir, list_iterations, read_tracker,
+)
+from longcat_megatron.training.signals import EXIT_REQUEUE
 
 
 @dataclass
@@ -68,7 +69,7 @@ class RunStatus:
 def _run_config(iter_dir: str) -> dict:
     import yaml
 
-    path = os.path.join(iter_dir, "run_config.yaml")
+    path = os.path.join(iter_dir, CONFIG_NAME)
     if not os.path.isfile(path):
         return {}
     try:
@@ -142,12 +143,11 @@ def collect(run_dir: str) -> RunStatus:
         raise UserInputError(f"run directory '{run_dir}' does not exist (pass a stage's checkpoint "
                              "directory, CKPT_DIR / checkpoint.save)")
     st = RunStatus(run_dir=os.path.abspath(run_dir))
-    tracker = os.path.join(run_dir, TRACKER)
-    iters = sorted(int(m.group(1)) for m in (re.match(r"^iter_(\d+)$", n) for n in os.listdir(run_dir)) if m)
     cfg: dict = {}
-    if os.path.isfile(tracker) and open(tracker).read().strip().isdigit():
-        st.committed_iteration = int(open(tracker).read().strip())
-        st.committed_path = os.path.join(run_dir, f"iter_{st.committed_iteration:07d}")
+    committed = read_tracker(run_dir)
+    if committed is not None:
+        st.committed_iteration = committed
+        st.committed_path = iteration_dir(run_dir, committed)
         if os.path.isdir(st.committed_path):
             st.committed_time = os.path.getmtime(os.path.join(st.committed_path, "metadata.json")) \
                 if os.path.isfile(os.path.join(st.committed_path, "metadata.json")) \
@@ -157,7 +157,7 @@ def collect(run_dir: str) -> RunStatus:
             seq = (cfg.get("data") or {}).get("seq_length")
             if consumed is not None and seq:
                 st.tokens = float(consumed * seq)
-    elif not iters and not os.path.isdir(os.path.join(run_dir, "logs")):
+    elif not list_iterations(run_dir) and not os.path.isdir(os.path.join(run_dir, "logs")):
         raise UserInputError(f"'{run_dir}' holds no checkpoint ({TRACKER}, iter_*) and no logs/: "
                              "not a run directory yet (has the job started?)")
     train, data, model = cfg.get("train") or {}, cfg.get("data") or {}, cfg.get("model") or {}
