@@ -39,28 +39,11 @@ def attention_backend(model_cfg) -> str:
     return getattr(model_cfg, "attention_backend", "sdpa")
 
 
-@dataclass
-class Sharding:
-    """The parallel sizes the plan divides by (``expert_tensor``: ETP, ``expert_data``: expert-DP)."""
-
-    tensor: int = 1
-    pipeline: int = 1
-    context: int = 1
-    expert: int = 1
-    data: int = 1
-    virtual_pipeline: int = 0
-    expert_tensor: int = 1
-    expert_data: int = 1
-    sequence_parallel: bool = False
-
-    @classmethod
-    def of(cls, cfg, layout) -> "Sharding":
-        etp = getattr(cfg.parallel, "expert_tensor", None) or layout.tensor
-        return cls(tensor=layout.tensor, pipeline=layout.pipeline, context=layout.context,
-                   expert=layout.expert, data=layout.data,
-                   virtual_pipeline=layout.virtual_pipeline or 0, expert_tensor=etp,
-                   expert_data=max(1, layout.world // (layout.pipeline * layout.expert * etp)),
-                   sequence_parallel=bool(cfg.parallel.sequence_parallel))
+# ``layout`` below: the job's resolved parallel sizes, :class:`longcat_megatron.runtime.Layout`
+# (``expert_tensor_size``: ETP, ``expert_data``: expert-DP).
+def residual_shards(layout, sequence_parallel: bool) -> int:
+    """Ranks the residual stream's tensors are split over: TP under sequence parallelism, else 1."""
+    return layout.tensor if sequence_parallel else 1
 
 
 def ffn_experts_per_token(m) -> float:
@@ -73,16 +56,16 @@ def ffn_experts_per_token(m) -> float:
     return m.moe_router_topk * m.num_experts / total
 
 
-def activation_breakdown(m, seq: int, micro_batch: int, sh: Sharding, act_bytes: int,
-                         backend: str, recompute: str = "none") -> dict:
+def activation_breakdown(m, seq: int, micro_batch: int, layout, act_bytes: int,
+                         backend: str, recompute: str = "none", sequence_parallel: bool = False) -> dict:
     """Bytes saved for backward by ONE LongCat shortcut layer for one micro-batch on one rank, by
     part ("attention core" is the backend-dependent part; "experts" the dispatched tokens)."""
-    p, tp, cp = act_bytes, sh.tensor, sh.context
+    p, tp, cp = act_bytes, layout.tensor, layout.context
     h, heads = m.hidden_size, m.num_attention_heads / tp
     qk, v, rope = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim, m.qk_rope_head_dim
     qr, kvr = m.q_lora_rank, m.kv_lora_rank
     tokens = seq / cp * micro_batch                     # this rank's query positions
-    sp_div = tp if (sh.sequence_parallel or tp == 1) else 1  # residual-stream tensors
+    sp_div = residual_shards(layout, sequence_parallel)  # residual-stream tensors
     fp32_copy = 4 if p != 4 else 0                      # x.float() copies only under bf16
     selective = recompute == "selective"
     # RMSNorm over h + the linear that takes its output: fp32 input, rstd, normed, weighted.
@@ -105,8 +88,8 @@ def activation_breakdown(m, seq: int, micro_batch: int, sh: Sharding, act_bytes:
     # Per FFN pick (expert width / ETP; ETP ranks see their group's tokens): permuted input,
     # fc2 output x prob, fc1 output + activation + fc2 input (activation recomputed by selective),
     # indices and probs.
-    fe = (m.moe_ffn_hidden_size or m.ffn_hidden_size) / sh.expert_tensor
-    picks = ffn_experts_per_token(m) * sh.expert_tensor / sp_div
+    fe = (m.moe_ffn_hidden_size or m.ffn_hidden_size) / layout.expert_tensor_size
+    picks = ffn_experts_per_token(m) * layout.expert_tensor_size / sp_div
     experts = picks * (2 * p * h + (2 if selective else 4) * p * fe + 12)
     return {
         "norms": 4 * norm_h * tokens,
@@ -118,13 +101,14 @@ def activation_breakdown(m, seq: int, micro_batch: int, sh: Sharding, act_bytes:
     }
 
 
-def mtp_activation(m, seq: int, micro_batch: int, sh: Sharding, act_bytes: int, backend: str,
-                   recompute: str) -> float:
+def mtp_activation(m, seq: int, micro_batch: int, layout, act_bytes: int, backend: str,
+                   recompute: str, sequence_parallel: bool = False) -> float:
     """The MTP head: about one attention block + one dense MLP of a shortcut layer, + its eh_proj."""
     if not getattr(m, "mtp_num_layers", 0):
         return 0.0
-    per = activation_breakdown(m, seq, micro_batch, sh, act_bytes, backend, recompute)
-    tokens = seq / sh.context * micro_batch
+    per = activation_breakdown(m, seq, micro_batch, layout, act_bytes, backend, recompute,
+                               sequence_parallel)
+    tokens = seq / layout.context * micro_batch
     return (per["MLA projections"] + per["attention core"] + per["dense MLPs"] + per["norms"]) / 2 \
         + 4 * act_bytes * m.hidden_size * tokens
 
@@ -146,18 +130,18 @@ class MemoryPlan:
                 + f"; total {self.total / GIB:.2f} GiB")
 
 
-def inflight_microbatches(sh: Sharding, num_micro: int, first_stage: bool = True) -> float:
+def inflight_microbatches(layout, num_micro: int, first_stage: bool = True) -> float:
     """Micro-batches whose activations a stage holds at once: the first stage min(PP, m) under 1F1B
     (x (1 + (PP-1)/(PP x VPP)) interleaved), the last stage 1."""
-    if sh.pipeline == 1 or not first_stage:
+    if layout.pipeline == 1 or not first_stage:
         return 1.0
-    base = min(sh.pipeline, num_micro)
-    if sh.virtual_pipeline:
-        return base * (1 + (sh.pipeline - 1) / (sh.pipeline * sh.virtual_pipeline))
+    base = min(layout.pipeline, num_micro)
+    if layout.virtual_pipeline:
+        return base * (1 + (layout.pipeline - 1) / (layout.pipeline * layout.virtual_pipeline))
     return float(base)
 
 
-def activation_bytes(cfg, sh: Sharding, *, backend=None, recompute=None, num_micro: int = 1,
+def activation_bytes(cfg, layout, *, backend=None, recompute=None, num_micro: int = 1,
                      first_stage: bool = True, last_stage: bool = True) -> dict:
     """Activation memory (bytes, by part) of a pipeline stage: its layers' saved tensors for the
     micro-batches in flight, the input embedding (first stage), LM head + loss and MTP head (last
@@ -168,12 +152,13 @@ def activation_bytes(cfg, sh: Sharding, *, backend=None, recompute=None, num_mic
     recompute = recompute or getattr(t, "recompute", "none")
     p = 2 if cfg.optimizer.bf16 else 4
     seq, mbs = cfg.data.seq_length, t.micro_batch_size
-    layers = m.num_layers / sh.pipeline
-    per_layer = activation_breakdown(m, seq, mbs, sh, p, backend, recompute)
+    layers = m.num_layers / layout.pipeline
+    sp = bool(cfg.parallel.sequence_parallel)
+    per_layer = activation_breakdown(m, seq, mbs, layout, p, backend, recompute, sp)
     layer_total = sum(per_layer.values())
-    tokens = seq / sh.context * mbs
-    sp_div = sh.tensor if (sh.sequence_parallel or sh.tensor == 1) else 1
-    inflight = inflight_microbatches(sh, num_micro, first_stage)
+    tokens = seq / layout.context * mbs
+    sp_div = residual_shards(layout, sp)
+    inflight = inflight_microbatches(layout, num_micro, first_stage)
     out: dict = {}
     if recompute == "full":
         n_rec = min(getattr(t, "recompute_num_layers", None) or layers, layers)
@@ -193,41 +178,41 @@ def activation_bytes(cfg, sh: Sharding, *, backend=None, recompute=None, num_mic
         heads_out = 1 + (1 if getattr(m, "mtp_num_layers", 0) else 0)
         # logits (activation dtype) + fp32 softmax kept by the vocab-parallel cross entropy + the
         # fp32 upcast of the logits while the loss runs
-        out["LM head + loss"] = (p + 8) * m.vocab_size / sh.tensor * tokens * heads_out
-        out["MTP head"] = mtp_activation(m, seq, mbs, sh, p, backend, recompute)
+        out["LM head + loss"] = (p + 8) * m.vocab_size / layout.tensor * tokens * heads_out
+        out["MTP head"] = mtp_activation(m, seq, mbs, layout, p, backend, recompute, sp)
     if backend == "eager" and recompute != "selective":
         # softmax backward: gradients of the probabilities and of the scores, fp32, one attention
         out["eager softmax backward (transient)"] = \
-            2 * 4 * (m.num_attention_heads / sh.tensor) * tokens * seq
+            2 * 4 * (m.num_attention_heads / layout.tensor) * tokens * seq
     return out
 
 
-def stage_plan(cfg, counts, sh: Sharding, *, first: bool, last: bool, num_micro: int) -> MemoryPlan:
+def stage_plan(cfg, counts, layout, *, first: bool, last: bool, num_micro: int) -> MemoryPlan:
     """Memory of one pipeline stage (first / last / both under PP=1)."""
     m = cfg.model
     bf16 = cfg.optimizer.bf16
     w_bytes, g_bytes, o_bytes = (2 if bf16 else 4), 4, (12 if bf16 else 8)
     dist_opt = cfg.parallel.distributed_optimizer
-    dense_rep = sh.data * sh.context if dist_opt else 1
-    expert_rep = sh.expert_data if dist_opt else 1
+    dense_rep = layout.data * layout.context if dist_opt else 1
+    expert_rep = layout.expert_data if dist_opt else 1
     # Dense weights (sharded over TP, replicated over DP x CP) and expert-like weights (sharded over
     # EP x ETP, replicated over expert-DP) of this stage.
-    dense = counts.dense / sh.pipeline / sh.tensor
-    expert = counts.expert / sh.pipeline / (sh.expert * sh.expert_tensor)
-    word = m.vocab_size * m.hidden_size / sh.tensor
+    dense = counts.dense / layout.pipeline / layout.tensor
+    expert = counts.expert / layout.pipeline / (layout.expert * layout.expert_tensor_size)
+    word = m.vocab_size * m.hidden_size / layout.tensor
     if first:
-        dense += word + counts.ngram_projections / sh.tensor
+        dense += word + counts.ngram_projections / layout.tensor
         if counts.ngram_tables and m.ngram.partition == "tensor_data":
-            expert += counts.ngram_tables / (sh.expert * sh.expert_tensor)
+            expert += counts.ngram_tables / (layout.expert * layout.expert_tensor_size)
         else:
-            dense += counts.ngram_tables / sh.tensor
+            dense += counts.ngram_tables / layout.tensor
     if last:
-        dense += word + counts.mtp / sh.tensor
+        dense += word + counts.mtp / layout.tensor
     plan = MemoryPlan(stage="only" if first and last else ("first" if first else "last"))
     plan.parts["weights"] = (dense + expert) * w_bytes
     plan.parts["gradients"] = (dense + expert) * g_bytes
     plan.parts["optimizer"] = (dense / dense_rep + expert / expert_rep) * o_bytes
-    plan.activation_parts = activation_bytes(cfg, sh, num_micro=num_micro, first_stage=first,
+    plan.activation_parts = activation_bytes(cfg, layout, num_micro=num_micro, first_stage=first,
                                              last_stage=last)
     plan.parts["activations"] = sum(plan.activation_parts.values())
     return plan
@@ -235,9 +220,8 @@ def stage_plan(cfg, counts, sh: Sharding, *, first: bool, last: bool, num_micro:
 
 def memory_plan(cfg, layout, counts, *, num_micro: int = 1) -> MemoryPlan:
     """The per-rank plan of the pipeline stage that needs the most memory (first or last)."""
-    sh = Sharding.of(cfg, layout)
-    if sh.pipeline == 1:
-        return stage_plan(cfg, counts, sh, first=True, last=True, num_micro=num_micro)
-    stages = [stage_plan(cfg, counts, sh, first=True, last=False, num_micro=num_micro),
-              stage_plan(cfg, counts, sh, first=False, last=True, num_micro=num_micro)]
+    if layout.pipeline == 1:
+        return stage_plan(cfg, counts, layout, first=True, last=True, num_micro=num_micro)
+    stages = [stage_plan(cfg, counts, layout, first=True, last=False, num_micro=num_micro),
+              stage_plan(cfg, counts, layout, first=False, last=True, num_micro=num_micro)]
     return max(stages, key=lambda plan: plan.total)

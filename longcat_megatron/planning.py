@@ -148,13 +148,12 @@ def print_plan(cfg: RunConfig, world: int, gpu_memory_gb: float = 80.0, force: b
 
 
 def _activation_line(cfg: RunConfig, layout: Layout, counts: ParamCounts) -> str:
-    from longcat_megatron.memory_plan import GIB, Sharding, attention_backend, memory_plan
+    from longcat_megatron.memory_plan import GIB, attention_backend, memory_plan
 
     t = cfg.train
-    sh = Sharding.of(cfg, layout)
     plan = memory_plan(cfg, layout, counts,
                        num_micro=t.global_batch_size // (t.micro_batch_size * layout.data))
     stage = {"only": "", "first": ", first pipeline stage", "last": ", last pipeline stage"}[plan.stage]
     return (f"activations (attention {attention_backend(cfg.model)}, recompute "
-            f"{getattr(t, 'recompute', 'none')}, ETP{sh.expert_tensor}, expert-DP{sh.expert_data}{stage}): "
+            f"{getattr(t, 'recompute', 'none')}, ETP{layout.expert_tensor_size}, expert-DP{layout.expert_data}{stage}): "
             + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.activation_parts.items() if v))

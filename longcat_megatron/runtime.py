@@ -44,6 +44,11 @@ class Layout:
     def expert_tensor_size(self) -> int:
         return self.tensor if self.expert_tensor is None else self.expert_tensor
 
+    @property
+    def expert_data(self) -> int:
+        """Expert data-parallel size: the replicas of each expert shard."""
+        return max(1, self.world // (self.pipeline * self.expert * self.expert_tensor_size))
+
     def describe(self) -> str:
         vpp = f" VPP={self.virtual_pipeline}" if self.virtual_pipeline else ""
         etp = (f" x ETP{self.expert_tensor}" if self.expert_tensor not in (None, self.tensor)

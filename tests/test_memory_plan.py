@@ -119,12 +119,13 @@ def code_backend() -> str:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_activation_estimate_within_25_percent_of_measured_cpu_peak():
-    from longcat_megatron.memory_plan import Sharding, activation_bytes
+    from longcat_megatron.memory_plan import activation_bytes
+    from longcat_megatron.runtime import resolve_layout
 
     peaks = measured_peaks(list(CONFIGS))
     rows = []
     for name, spec in CONFIGS.items():
-        planned = sum(activation_bytes(run_config(spec), Sharding(), backend=code_backend()).values())
+        planned = sum(activation_bytes(run_config(spec), resolve_layout(1), backend=code_backend()).values())
         rows.append((name, planned, peaks[name], planned / peaks[name]))
     report = "; ".join(f"{n}: planned {a / 2**20:.1f} MiB vs measured {b / 2**20:.1f} MiB ({r:.2f}x)"
                        for n, a, b, r in rows)
@@ -149,7 +150,7 @@ def _plan(cfg, world):
 
     p = cfg.parallel
     layout = resolve_layout(world, p.tensor, p.pipeline, p.context, p.expert, p.virtual_pipeline,
-                            cfg.model.num_experts)
+                            cfg.model.num_experts, p.expert_tensor)
     return memory_plan(cfg, layout, count_parameters(cfg))
 
 
