@@ -22,6 +22,8 @@ from longcat_megatron.model.ngram_config import NgramConfig, check_ngram_rules
 
 
 ATTENTION_BACKENDS = ("sdpa", "eager")
+# Local FFN expert implementations (model/experts.py), one checkpoint layout for all.
+EXPERT_IMPLS = ("grouped", "sequential", "te")
 
 
 class ModelConfigError(UserInputError):
@@ -132,9 +134,9 @@ class ModelConfig:
                 f"model.moe_token_dispatcher_type={self.moe_token_dispatcher_type!r}: "
                 "use allgather or alltoall"
             )
-        if self.expert_impl not in ("grouped", "sequential", "te"):
-            raise ModelConfigError(f"model.expert_impl={self.expert_impl!r}: use grouped, "
-                                   "sequential or te")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ModelConfigError(f"model.expert_impl={self.expert_impl!r}: use one of "
+                                   f"{', '.join(EXPERT_IMPLS)}")
         if self.arch == "longcat":
             self._validate_longcat()
         if self.ngram is not None:

@@ -30,9 +30,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from longcat_megatron.model.config import ModelConfigError
-
-EXPERT_IMPLS = ("grouped", "sequential", "te")
+from longcat_megatron.model.config import EXPERT_IMPLS, ModelConfigError
 
 
 def recompute_moe_act(tf_config) -> bool:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+from longcat_megatron.model.param_count import mla_parameters
+
 
 def _mla_linear(cfg) -> int:
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
-    return (h * cfg.q_lora_rank + cfg.q_lora_rank * heads * cfg.qk_head_dim
-            + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-            + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-            + heads * cfg.v_head_dim * h)
+    """Weights a token multiplies in one MLA block: its parameters less the two latent norms."""
+    return mla_parameters(cfg) - cfg.q_lora_rank - cfg.kv_lora_rank
 
 
 def _attention_core(cfg, seq_length: int, qk_dim: int, v_dim: int, causal: bool) -> float:
