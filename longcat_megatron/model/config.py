@@ -135,8 +135,8 @@ class ModelConfig:
                 "use allgather or alltoall"
             )
         if self.expert_impl not in EXPERT_IMPLS:
-            raise ModelConfigError(f"model.expert_impl={self.expert_impl!r}: use one of "
-                                   f"{', '.join(EXPERT_IMPLS)}")
+            raise ModelConfigError(f"model.expert_impl={self.expert_impl!r}: use "
+                                   f"{', '.join(EXPERT_IMPLS[:-1])} or {EXPERT_IMPLS[-1]}")
         if self.arch == "longcat":
             self._validate_longcat()
         if self.ngram is not None:
