@@ -44,6 +44,9 @@ class ParallelConfig:
     # optimizer) the parameter all-gather with the next forward.
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # megatron DDP bucket size in parameters (used with overlap_grad_reduce); None = megatron's
+    # default, max(40M, 1M x DP). Small values give a small model the multi-bucket paths of a big one.
+    ddp_bucket_size: Optional[int] = None
     # gloo/CUDA backend is chosen automatically; "auto" | "gloo" | "nccl".
     backend: str = "auto"
 
@@ -73,6 +76,11 @@ class TrainConfig:
     # Step changes of the global batch at token thresholds: ["420B:2048"] or
     # [{after_tokens: 420e9, global_batch_size: 2048}] (training/batch_schedule.py).
     batch_schedule: list = field(default_factory=list)
+    # Every N iterations, check that data-parallel (and expert-data-parallel) replicas hold bitwise
+    # the same parameters the forward just used (training/replica_check.py); stops the run with a
+    # message naming the parameters that differ. 0 = off (Megatron-LM's
+    # --check-weight-hash-across-dp-replicas-interval).
+    check_replicas_interval: int = 0
 
 
 @dataclass
@@ -402,6 +410,12 @@ def validate(cfg: RunConfig) -> None:
             f"parallel.context = {p.tensor * p.context} under sequence parallelism (the sequence is "
             "split over the tensor-parallel ranks)"
         )
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        raise ConfigError(f"parallel.ddp_bucket_size={p.ddp_bucket_size} must be >= 1 (parameters "
+                          "per bucket) or null for megatron's default")
+    if t.check_replicas_interval < 0:
+        raise ConfigError(f"train.check_replicas_interval={t.check_replicas_interval} must be >= 0 "
+                          "(0 = off)")
     validate_checkpoint(cfg.checkpoint)
     if p.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend={p.backend!r}: use auto, gloo or nccl")

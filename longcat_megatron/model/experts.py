@@ -275,6 +275,21 @@ def experts_spec(impl: str, num_experts: int):
     return spec
 
 
+def local_expert_weights(module: torch.nn.Module) -> Optional[tuple[list, list]]:
+    """(fc1 weights, fc2 weights) of the local experts, one tensor per expert in local order
+    (``[2F, H]`` = [gate; up] and ``[H, F]``, this rank's expert-tensor shard), for an experts module
+    of any ``model.expert_impl``; None for other modules."""
+    impl = expert_impl_of(module)
+    if impl is None:
+        return None
+    if impl == "te":
+        n = module.num_local_experts
+        return ([getattr(module.linear_fc1, f"weight{e}") for e in range(n)],
+                [getattr(module.linear_fc2, f"weight{e}") for e in range(n)])
+    return ([e.linear_fc1.weight for e in module.local_experts],
+            [e.linear_fc2.weight for e in module.local_experts])
+
+
 def expert_impl_of(module: torch.nn.Module) -> Optional[str]:
     """The ``model.expert_impl`` name of an experts module (for logs and tests)."""
     if isinstance(module, GroupedSwiGLUExperts):

@@ -45,3 +45,17 @@ class KeepsFullPrecision:
                 else:
                     table[name] = tensor.to(target)
         return result
+
+
+def full_precision_state(model: torch.nn.Module) -> dict:
+    """``{qualified name: tensor}`` of every tensor a module of ``model`` declares full precision
+    (its ``full_precision_names``): what a bf16 model must still hold in fp32/fp64."""
+    out = {}
+    for module_name, module in model.named_modules():
+        for name in getattr(module, "full_precision_names", ()):
+            tensor = module._parameters.get(name)
+            if tensor is None:
+                tensor = module._buffers.get(name, getattr(module, name, None))
+            if torch.is_tensor(tensor):
+                out[f"{module_name}.{name}".lstrip(".")] = tensor
+    return out

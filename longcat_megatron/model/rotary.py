@@ -57,6 +57,8 @@ def softmax_scale(cfg: ModelConfig) -> float:
 class InterleavedRotary(torch.nn.Module):
     """Produces (cos, sin) ``[s, b, 1, d/2]`` for positions and rotates ``[s, b, heads, d]``."""
 
+    full_precision_names = ("inv_freq",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)

@@ -21,6 +21,7 @@ from longcat_megatron.config import RunConfig, save_config
 from longcat_megatron.model.document_mask import DocumentMask
 from longcat_megatron.training import batch_schedule
 from longcat_megatron.training import checkpointing as ckpt
+from longcat_megatron.training import replica_check
 from longcat_megatron.training.checkpoint_lock import lock_save_dir
 from longcat_megatron.training.faults import install_failure_recorder, maybe_inject, note_progress
 from longcat_megatron.training.progress import ProgressLogger
@@ -376,6 +377,8 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
+        if t.check_replicas_interval and (state.iteration + 1) % t.check_replicas_interval == 0:
+            replica_check.check(model, state.iteration + 1)  # what this step's forward read
         ok, grad_norm, _ = optimizer.step()
         if ok:
             scheduler.step(increment=1)

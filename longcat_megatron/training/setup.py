@@ -67,6 +67,7 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         check_for_nan_in_grad=True,
+        bucket_size=cfg.parallel.ddp_bucket_size,
     )
     wrapped = [
         DistributedDataParallel(config=tf, ddp_config=ddp_cfg, module=chunk,
