@@ -175,8 +175,49 @@ def fix_mixed_dtype_float16_optimizer_state() -> None:
     F16.sharded_state_dict = sharded_state_dict
 
 
+def fix_fully_reshardable_bucket_padding() -> None:
+    """The ``fully_reshardable`` optimizer save slices each parameter's state out of a "world"
+    tensor that ``get_parameter_state_dp_zero`` builds with the padding at the end of every DDP
+    bucket removed, but at the parameter's position in the *padded* buffer
+    (``buffer.param_index_map``). With one bucket the two agree; with several (any run with
+    ``overlap_grad_reduce``: megatron's default bucket is 40M parameters) every parameter after the
+    first bucket is saved with another parameter's main weights and Adam moments, and the last ones
+    partly as zeros ("param range exceeds unpadded buffer"): a resume trains on, silently, from
+    corrupted optimizer state. Slice at the unpadded positions instead (save only; the load side
+    reads per-parameter tensors and is right). Tested by tests/test_recipe_rehearsal.py (bitwise
+    resume with many buckets) and tests/test_optimizer_buckets.py."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    orig = dopt.DistributedOptimizer.sharded_param_state_fully_reshardable
+    if getattr(orig, "_longcat", False):
+        return
+
+    def unpadded_index_map(buffer) -> dict:
+        shift, kept, out = [], 0, {}
+        for bucket in buffer.buckets:
+            shift.append(bucket.offset - kept)   # end-of-bucket padding before this bucket
+            kept += bucket.numel_unpadded
+        for param, (start, end, bucket_id) in buffer.param_index_map.items():
+            out[param] = (start - shift[bucket_id], end - shift[bucket_id], bucket_id)
+        return out
+
+    def sharded_param_state(self, *args, **kwargs):
+        saved = [buffer.param_index_map for buffer in self.buffers]
+        try:
+            for buffer in self.buffers:
+                buffer.param_index_map = unpadded_index_map(buffer)
+            return orig(self, *args, **kwargs)
+        finally:
+            for buffer, index_map in zip(self.buffers, saved):
+                buffer.param_index_map = index_map
+
+    sharded_param_state._longcat = True
+    dopt.DistributedOptimizer.sharded_param_state_fully_reshardable = sharded_param_state
+
+
 # Applied with and without TransformerEngine (megatron bugs not tied to the local spec).
-ALWAYS = (fix_mixed_dtype_param_order, fix_mixed_dtype_float16_optimizer_state)
+ALWAYS = (fix_mixed_dtype_param_order, fix_mixed_dtype_float16_optimizer_state,
+          fix_fully_reshardable_bucket_padding)
 
 FIXES = (
     fix_router_gemm_name,

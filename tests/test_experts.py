@@ -22,6 +22,21 @@ def _experts(impl, tf, n_local, weights=None):
     return module
 
 
+def per_expert_grads(named_parameters) -> dict:
+    """Gradients by SequentialMLP's names: the grouped experts' stacked ``weight1``/``weight2``
+    gradients split into ``local_experts.{i}.linear_fc{1,2}.weight``."""
+    out = {}
+    for name, p in named_parameters:
+        stem, _, leaf = name.rpartition(".")
+        if leaf in ("weight1", "weight2") and p.grad is not None:
+            base = f"{stem}." if stem else ""
+            for i, g in enumerate(p.grad.unbind(0)):
+                out[f"{base}local_experts.{i}.linear_fc{leaf[-1]}.weight"] = g
+        else:
+            out[name] = p.grad
+    return out
+
+
 def _run(module, x, probs, counts):
     import torch
 
@@ -30,8 +45,7 @@ def _run(module, x, probs, counts):
     out, _ = module(x, torch.tensor(counts), probs)
     g = torch.Generator().manual_seed(7)
     (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum().backward()
-    grads = {"x": x.grad, "probs": probs.grad,
-             **{k: p.grad for k, p in module.named_parameters()}}
+    grads = {"x": x.grad, "probs": probs.grad, **per_expert_grads(module.named_parameters())}
     return out.detach(), grads
 
 
@@ -104,7 +118,7 @@ def _model_parity():
             model.load_state_dict(state)
         loss = model(ids[:, :-1], pos, None, labels=ids[:, 1:]).mean()
         loss.backward()
-        runs[impl] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+        runs[impl] = (loss.detach(), per_expert_grads(model.named_parameters()))
     (l_s, g_s), (l_g, g_g) = runs["sequential"], runs["grouped"]
     assert g_s.keys() == g_g.keys()
     return {"loss": abs(float(l_s - l_g)) / abs(float(l_s)),

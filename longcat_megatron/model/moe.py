@@ -20,7 +20,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from longcat_megatron.model import aux_losses
 from longcat_megatron.model.async_all_to_all import PendingAllToAll, start_all_to_all
 from longcat_megatron.model.config import ModelConfig
-from longcat_megatron.model.experts import experts_spec
+from longcat_megatron.model.experts import building_layer, experts_spec
 from longcat_megatron.model.router import Routing, ZeroExpertRouter
 
 
@@ -53,14 +53,15 @@ class ZeroExpertMoE(MoELayer):
             experts=experts,
             router=lambda config, pg_collection: ZeroExpertRouter(cfg, config, layer_number),
         )
-        super().__init__(config=tf_config, submodules=submodules, layer_number=layer_number)
+        with building_layer(layer_number):  # experts: one random stream per global expert
+            super().__init__(config=tf_config, submodules=submodules, layer_number=layer_number)
         self.cfg = cfg
         self.overlap = bool(cfg.scmoe_overlap) and isinstance(self.token_dispatcher,
                                                                 MoEAlltoAllTokenDispatcher)
 
     def dispatch_tokens(self, x: torch.Tensor) -> InFlight:
         """Route ``x [s, b, H]`` and send the FFN picks to their expert-parallel ranks."""
-        routing = self.router.route(x)
+        routing = self.router(x)   # through forward: megatron's param-gather pre-hook runs
         d = self.token_dispatcher
         hidden, probs = d.dispatch_preprocess(x, routing.ffn_map, routing.ffn_probs)
         if not self.overlap:

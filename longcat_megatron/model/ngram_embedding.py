@@ -344,8 +344,12 @@ class NgramEmbedding(MegatronModule):
             sub = self._lookup_tensor(rows)
         else:
             sub = self._lookup_exchange(rows)
-        weight = torch.cat([p.weight for p in self.post_projs], dim=1)       # [H, T*D]
-        ngram_part = torch.matmul(sub, weight.t())
+        # Each projection through its module (as HF's sum over post_projs): megatron's overlapped
+        # parameter all-gather waits for a weight in its module's forward pre-hook.
+        pieces = sub.split(self.table_width, dim=-1)                        # T x [s', b, D]
+        ngram_part = self.post_projs[0](pieces[0])
+        for proj, piece in zip(self.post_projs[1:], pieces[1:]):
+            ngram_part = ngram_part + proj(piece)
         word = self.word_embeddings(input_ids)
         if not self.sequence_parallel:
             word = word.transpose(0, 1)

@@ -49,18 +49,32 @@ def _tp_rank_size(name: str) -> tuple[int, int]:
 
 def shard(model: torch.nn.Module, local_key: str, full: torch.Tensor) -> torch.Tensor:
     """This rank's slice of the full tensor ``full`` for parameter/buffer ``local_key``."""
-    params = dict(model.named_parameters())
-    p = params.get(local_key)
+    p, dim = _param_and_partition_dim(model, local_key)
     if p is None or not getattr(p, "tensor_model_parallel", False):
         return full
     rank, size = _tp_rank_size(local_key)
-    dim = p.partition_dim
     if size == 1:
         return full
     if local_key.endswith("linear_fc1.weight") and _is_glu(model, local_key):
         gate, up = torch.chunk(full, 2, dim=dim)
         return torch.cat([gate.chunk(size, dim)[rank], up.chunk(size, dim)[rank]], dim=dim)
     return full.chunk(size, dim)[rank]
+
+
+def _param_and_partition_dim(model: torch.nn.Module, local_key: str):
+    """(parameter, partition dim of the tensor named ``local_key``); the grouped experts' per-expert
+    keys are slices of their stacked ``weight1``/``weight2`` (expert axis first)."""
+    params = dict(model.named_parameters())
+    p = params.get(local_key)
+    if p is not None:
+        return p, getattr(p, "partition_dim", None)
+    if _is_expert(local_key):
+        prefix, rest = local_key.split(".local_experts.", 1)
+        linear = rest.split(".")[1]                                  # "{i}.linear_fc1.weight"
+        stacked = params.get(f"{prefix}.weight{linear[-1]}")
+        if stacked is not None:
+            return stacked, getattr(stacked, "partition_dim", 1) - 1
+    return None, None
 
 
 def _is_glu(model: torch.nn.Module, local_key: str) -> bool:

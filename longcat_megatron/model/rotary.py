@@ -17,6 +17,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 )
 
 from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.model.full_precision import KeepsFullPrecision
 
 
 def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -54,8 +55,13 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
-class InterleavedRotary(torch.nn.Module):
-    """Produces (cos, sin) ``[s, b, 1, d/2]`` for positions and rotates ``[s, b, heads, d]``."""
+class InterleavedRotary(KeepsFullPrecision, torch.nn.Module):
+    """Produces (cos, sin) ``[s, b, 1, d/2]`` for positions and rotates ``[s, b, heads, d]``.
+
+    ``inv_freq`` stays fp32 through bf16 casts (:mod:`longcat_megatron.model.full_precision`): in
+    bf16 the angles at position p would be off by up to p * 2^-8 * inv_freq (~4 rad at 8k,
+    ~60 rad at 128k), and YaRN's tuned frequencies lost. Angles, cos and sin are computed in fp32;
+    only the results are cast to the activations' dtype."""
 
     full_precision_names = ("inv_freq",)
 

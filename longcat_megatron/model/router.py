@@ -37,7 +37,7 @@ class Routing:
 
 
 class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
-    """``route(x [s, b, H]) -> Routing``; also satisfies megatron's router interface.
+    """``router(x [s, b, H]) -> Routing`` (megatron's router slot; the MoE calls it as a module).
 
     Its weight (fp32 in the released model), expert bias and step statistics keep their dtype under
     bf16 (:mod:`longcat_megatron.model.full_precision`); logits and softmax are computed in fp32."""
@@ -69,9 +69,11 @@ class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask=None):
-        r = self.route(hidden_states)
-        return r.ffn_probs, r.ffn_map
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None) -> Routing:
+        """Route ``hidden_states [s, b, H]``. Callers go through ``self.router(x)``, not
+        :meth:`route`: the weight is then read inside this module's forward, where megatron's
+        overlapped parameter all-gather waits for it (its forward pre-hook)."""
+        return self.route(hidden_states)
 
     def route(self, x: torch.Tensor) -> Routing:
         tokens = x.reshape(-1, x.shape[-1])
