@@ -215,6 +215,19 @@ BUCKET_PARAMS = 4096
 LOSS_RTOL = 1e-3
 
 
+def _error_line(e: BaseException) -> str:
+    """``Type at file:line `code`: message``, at the innermost frame (and the innermost one of
+    this repository when that is another)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if f.filename.startswith(ROOT)]
+    where = [f for f in (frames[-1:] + ours[-1:]) if f]
+    where = where[:1] if len(where) == 2 and where[0] is where[1] else where
+    message = str(e).splitlines()[0][:300] if str(e) else ""
+    return (f"{type(e).__name__} at "
+            + " from ".join(f"{os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`" for f in where)
+            + (f": {message}" if message else ""))
+
+
 def _short(names, limit: int = 4) -> str:
     names = sorted(names)
     return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
@@ -495,9 +508,7 @@ def check_wrapper(size: dict, bf16: bool, reference: Optional[dict]) -> list:
             losses = dict(result.losses)
             probe.finish(result.model_chunks)
         except Exception as e:  # noqa: BLE001 - reported as a row, the other checks still run
-            frame = traceback.extract_tb(e.__traceback__)[-1]
-            error = (f"{type(e).__name__} at {os.path.basename(frame.filename)}:{frame.lineno} "
-                     f"`{frame.line}`" + (f": {e}" if str(e) else ""))
+            error = _error_line(e)
         finally:
             loop.build_optimizer = build_optimizer
             runtime.shutdown()
@@ -941,55 +952,93 @@ def main(argv=None) -> int:
     size.update({k: v for k, v in (("experts", args.experts), ("seq", args.seq)) if v})
     bf16 = not args.fp32
     rows, start = [], time.perf_counter()
+
+    def write(final: bool) -> str:
+        """The table so far; with --out also as files (rewritten after every step, so that a run
+        cut short by a time limit still leaves the steps it finished)."""
+        table = render([{k: v for k, v in r.items() if k not in ("checkpoint", "losses")} for r in rows],
+                       environment_line(), time.perf_counter() - start)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            open(os.path.join(args.out, "gpu_check.md"), "w").write(
+                table + ("\n" if final else "\n\n(incomplete: the run stopped before its last step)\n"))
+            json.dump(dict(environment=environment_line(), complete=final, seconds=time.perf_counter() - start,
+                           rows=[{k: v for k, v in r.items() if k not in ("checkpoint", "losses")} for r in rows]),
+                      open(os.path.join(args.out, "gpu_check.json"), "w"), indent=1)
+        return table
+
+    def step(name: str, fn) -> list:
+        """Run one step; a crash becomes a FAIL row (the other steps still run)."""
+        if name in args.skip:
+            return []
+        t0 = time.perf_counter()
+        try:
+            new = fn()
+        except Exception as e:  # noqa: BLE001 - one row per crashed step, with where it happened
+            new = [dict(name=f"{name}: crashed", ok=False, detail=_error_line(e))]
+            traceback.print_exc()
+            try:
+                runtime.shutdown()
+            except Exception:  # noqa: BLE001 - best effort before the next step
+                pass
+            torch.use_deterministic_algorithms(False)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if new and "seconds" not in new[0]:
+            new[0]["seconds"] = time.perf_counter() - t0
+        rows.extend(new)
+        print(f"gpu_check: {name} done in {time.perf_counter() - t0:.0f} s: "
+              + "; ".join(f"{r['name']}: {'PASS' if r['ok'] else 'FAIL'}" for r in new), flush=True)
+        write(final=False)
+        return new
+
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = args.work or tmp
-        reference = None   # losses of the straight run (both overlaps off) for the wrapper step
-        if "train" not in args.skip:
+
+        def train_step():
             if not args.cpu:
                 torch.use_deterministic_algorithms(True, warn_only=True)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                rows.append(check_resume(work, size, bf16))
-            torch.use_deterministic_algorithms(False)
-            reference = rows[-1].pop("losses")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    row = check_resume(work, size, bf16)
+            finally:
+                torch.use_deterministic_algorithms(False)
             nondeterministic = sorted({str(w.message).split(" does not have a deterministic")[0]
                                        for w in caught if "deterministic" in str(w.message)})
             if nondeterministic:  # the ops to look at first when the bitwise comparison fails
-                rows[-1]["detail"] += "; ops without a deterministic CUDA kernel: " + ", ".join(nondeterministic)
-            if "export" not in args.skip:
-                rows.append(check_export(rows[-1].pop("checkpoint"), work))
-        if "wrapper" not in args.skip:
+                row["detail"] += "; ops without a deterministic CUDA kernel: " + ", ".join(nondeterministic)
+            return [row]
+
+        def wrapper_step():
             if not args.cpu:   # as the reference run: its losses are compared
                 torch.use_deterministic_algorithms(True, warn_only=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rows += check_wrapper(size, bf16, reference)
-            torch.use_deterministic_algorithms(False)
-        if "layer" not in args.skip:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return check_wrapper(size, bf16, trained[0].get("losses") if trained else None)
+            finally:
+                torch.use_deterministic_algorithms(False)
+
+        def layer_step():
             t0 = time.perf_counter()
             layer_rows = bench_layers(size, args.cpu, bf16)
             for r in layer_rows:
                 r["seconds"] = (time.perf_counter() - t0) / len(layer_rows)
-            rows += layer_rows
-        if "documents" not in args.skip:
-            t0 = time.perf_counter()
-            rows.append(check_documents(size, args.cpu, bf16))
-            rows[-1]["seconds"] = time.perf_counter() - t0
-        if "varlen" not in args.skip:
-            t0 = time.perf_counter()
-            varlen_rows = check_varlen(size, args.cpu, bf16)
-            varlen_rows[0]["seconds"] = time.perf_counter() - t0
-            rows += varlen_rows
-    for r in rows:
-        r.pop("checkpoint", None)
-    total = time.perf_counter() - start
-    table = render(rows, environment_line(), total)
+            return layer_rows
+
+        trained = step("train", train_step)
+        if trained:
+            checkpoint = trained[0].get("checkpoint")
+            step("export", lambda: [check_export(checkpoint, work) if checkpoint else dict(
+                name="export to HF + verify logits (CPU, fp32)", ok=False,
+                detail="not run: the train step left no checkpoint")])
+        step("wrapper", wrapper_step)
+        step("layer", layer_step)
+        step("documents", lambda: [check_documents(size, args.cpu, bf16)])
+        step("varlen", lambda: check_varlen(size, args.cpu, bf16))
+    table = write(final=True)
     print(table, flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, "gpu_check.md"), "w").write(table + "\n")
-        json.dump(dict(environment=environment_line(), rows=rows, seconds=total),
-                  open(os.path.join(args.out, "gpu_check.json"), "w"), indent=1)
     if not args.cpu and not args.no_docs:
         from bench.report import append_section
 
