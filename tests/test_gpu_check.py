@@ -1,32 +1,70 @@
 """bench/gpu_check.py --cpu: the one-GPU check's steps at tiny sizes on CPU (gloo, world size 1, bf16),
-so that the GPU path's script cannot rot between the runs on a GPU."""
+so that the GPU path's script cannot rot between the runs on a GPU.
+
+Rows that fail until the lead's model fixes merge are strict xfails (AWAITING): when a fix lands
+its row passes, the xfail turns into a failure, and the entry is to be removed here."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from bench.gpu_check import ROOT, _bitwise_equal, layer_flops, lite_layer_config
+from bench.gpu_check import ROOT, _bitwise_equal, _patterns, layer_flops, lite_layer_config
+
+# Every row of the CPU run, by the start of its name (the CPU sizes: 3 + 2 steps).
+ROWS = ["train 3 + save + resume 2", "export to HF", "bf16 Float16Module: routing state",
+        "RoPE inv_freq fp32", "distributed optimizer: main params", "local experts pairwise distinct",
+        "overlap_param_gather: every parameter", "5 steps with overlap_grad_reduce",
+        "losses with both overlaps == both off", "Lite-width shortcut layer", "packed documents (8)",
+        "per-document attention on cpu", "varlen == per-piece core attention",
+        "varlen vs per-piece: Lite-width MLA block"]
+AWAITING = {
+    "RoPE inv_freq fp32": "inv_freq is a buffer that Float16Module casts to bf16 (lead's fix c)",
+    "overlap_param_gather: every parameter": "router weight, grouped experts, N-gram post-projections "
+                                             "are read outside their modules' forward (lead's fix a)",
+    "5 steps with overlap_grad_reduce": "megatron asserts param_gather_handle is None at step 2 (fix a)",
+    "losses with both overlaps == both off": "the overlap run stops at step 2 (fix a)",
+}
 
 
-def test_gpu_check_cpu_mode_passes_every_step(tmp_path):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--cpu",
-                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                           "--out", str(tmp / "out"), "--work", str(tmp / "work")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.load(open(tmp_path / "out" / "gpu_check.json"))
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.load(open(tmp / "out" / "gpu_check.json"))
+    # exit 1 exactly when a row fails; the CPU run leaves docs/benchmarks.md alone
+    assert proc.returncode == (0 if all(r["ok"] for r in out["rows"]) else 1)
+    assert "| check | result |" in open(tmp / "out" / "gpu_check.md").read()
+    return out
+
+
+def test_gpu_check_cpu_mode_reports_every_step(report):
     names = [r["name"] for r in report["rows"]]
-    assert any(n.startswith("train 3 + save + resume 2") for n in names)
-    assert any(n.startswith("export to HF") for n in names)
-    assert any(n.startswith("packed documents") for n in names)
+    assert [len([n for n in names if n.startswith(r)]) for r in ROWS] == [1] * len(ROWS), names
+    assert len(names) == len(ROWS), names
     layer = next(r for r in report["rows"] if "step_ms" in r)
     assert layer["step_ms"] > 0 and 0 < layer["ffn_experts_per_token"] <= layer["topk"]
-    assert all(r["ok"] for r in report["rows"]), report["rows"]
-    # The CPU run leaves docs/benchmarks.md alone (only a GPU run appends its table).
-    assert "| check | result |" in open(tmp_path / "out" / "gpu_check.md").read()
+
+
+@pytest.mark.parametrize("row", [
+    pytest.param(r, marks=pytest.mark.xfail(strict=True, reason=AWAITING[r])) if r in AWAITING else r
+    for r in ROWS])
+def test_gpu_check_cpu_row_passes(report, row):
+    found = next(r for r in report["rows"] if r["name"].startswith(row))
+    assert found["ok"], found
+
+
+def test_parameter_names_are_grouped_by_pattern():
+    assert _patterns(["module.module.decoder.layers.0.mlp.router.weight", "decoder.layers.1.mlp.router.weight",
+                      "embedding.post_projs.3.weight"]) == \
+        "decoder.layers.*.mlp.router.weight (2), embedding.post_projs.*.weight (1)"
 
 
 def test_bitwise_compare_sees_signed_zero_and_dtype():

@@ -18,9 +18,11 @@ positions (or the dense mask, split on its query dim). The gather's backward sum
 gradients of all CP ranks back to the owner of each token (reduce-scatter).
 
 Packed documents: ``attention_mask`` is None (plain causal), a dense megatron mask, or a
-:class:`~longcat_megatron.model.document_mask.DocumentMask` (document starts, no s x s tensor): one
-causal attention per document piece, each query over its own document's keys up to itself; under
-CP the same per local query chunk against the gathered keys.
+:class:`~longcat_megatron.model.document_mask.DocumentMask` (document starts, no s x s tensor): each
+query over its own document's keys up to itself; under CP the same per local query chunk against the
+gathered keys. On CUDA (bf16/fp16, head dims up to 256) all documents of a micro-batch go to torch's
+flash varlen kernel in one call (:func:`document_attention_path`); elsewhere, and when
+``LONGCAT_DOCUMENT_ATTENTION=pieces``, one causal SDPA call per document piece.
 
 Core attention (:func:`attend`): ``model.attention_backend`` "sdpa" (torch's fused kernels, v padded
 to the q·k head dim so that they apply; no s x s tensor) or "eager" (explicit fp32 scores, the
@@ -31,8 +33,11 @@ after the core attention and rebuilt before its backward). docs/model.md has the
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+import os
+import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -214,11 +219,10 @@ class LongcatMLA(MegatronModule):
         if context_parallel_size() > 1:
             return self._chunked_attention(q, k, v, attention_mask)
         s = q.shape[0]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
         if isinstance(attention_mask, DocumentMask):
-            out = self._attend_documents(q, k, v, attention_mask, 0)
-        else:
-            out = self._attend(q, k, v, attention_mask)                    # [b, n, s, dv]
+            return self._document_attention(q, k, v, attention_mask, [(0, 0, s)])
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
+        out = self._attend(q, k, v, attention_mask)                        # [b, n, s, dv]
         return out.permute(2, 0, 1, 3).reshape(s, out.shape[0], -1)
 
     def _chunked_attention(self, q, k, v, attention_mask):
@@ -237,14 +241,16 @@ class LongcatMLA(MegatronModule):
                 f"attention_mask of shape {tuple(attention_mask.shape)} does not match {s_q} local "
                 f"queries x {s_k} keys; under context parallelism split it on its query dim only "
                 "(megatron get_batch_on_this_cp_rank)")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
         chunk = s_q // 2
+        if documents is not None:
+            return self._document_attention(
+                q, k, v, documents,
+                [(g * chunk, half * chunk, chunk) for half, g in enumerate(cp_local_chunk_ids())])
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
         outs = []
         for half, g in enumerate(cp_local_chunk_ids()):
             rows = slice(half * chunk, (half + 1) * chunk)
-            if documents is not None:
-                outs.append(self._attend_documents(q[:, :, rows], k, v, documents, g * chunk))
-            elif attention_mask is None:
+            if attention_mask is None:
                 end = (g + 1) * chunk
                 outs.append(self._attend(q[:, :, rows], k[:, :, :end], v[:, :, :end], None))
             else:
@@ -252,17 +258,36 @@ class LongcatMLA(MegatronModule):
         out = torch.cat(outs, dim=2)                                      # [b, n, s_q, dv]
         return out.permute(2, 0, 1, 3).reshape(s_q, out.shape[0], -1)
 
+    def _document_attention(self, q, k, v, documents: DocumentMask, chunks: list):
+        """Per-document attention of the local queries ``q [s_q, b, heads, d]`` over the keys and
+        values ``[s_k, b, heads, ...]`` of the whole sequence (global positions from 0) ->
+        ``[s_q, b, heads·dv]``. ``chunks``: ``(global_start, local_start, length)`` of each run of
+        consecutive global query positions in ``q`` (one without CP, this rank's two under CP).
+        One flash varlen call for the micro-batch where :func:`document_attention_path` allows it
+        (per chunk and sample under CP), else one SDPA call per document piece."""
+        if (documents.batch_size, documents.seq_length) != (q.shape[1], k.shape[0]):
+            raise ValueError(
+                f"DocumentMask of {documents.batch_size} samples x {documents.seq_length} tokens does "
+                f"not match the micro-batch ({q.shape[1]} x {k.shape[0]} keys); it describes the "
+                "whole sequence (keep it out of get_batch_on_this_cp_rank)")
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        path, _ = document_attention_path(q, max(q.shape[-1], v.shape[-1]), dropout,
+                                          self.cfg.attention_backend)
+        if path == "varlen":
+            out = varlen_document_attention(q, k, v, documents, chunks, self.softmax_scale)
+            return out.reshape(q.shape[0], q.shape[1], -1)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))             # [b, n, s, d]
+        outs = [self._attend_documents(q[:, :, local:local + length], k, v, documents, start)
+                for start, local, length in chunks]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)       # [b, n, s_q, dv]
+        return out.permute(2, 0, 1, 3).reshape(q.shape[2], out.shape[0], -1)
+
     def _attend_documents(self, q, k, v, documents: DocumentMask, query_start: int):
         """Queries ``[b, n, s_q, d]`` at global positions ``query_start + [0, s_q)`` over keys and
         values ``[b, n, s_k, ...]`` (global positions from 0) inside each query's document: one
         bottom-right causal attention per document piece (flash kernels stay usable, no s x s
         tensor). Samples of one layout share each call."""
         s_q = q.shape[2]
-        if (documents.batch_size, documents.seq_length) != (q.shape[0], k.shape[2]):
-            raise ValueError(
-                f"DocumentMask of {documents.batch_size} samples x {documents.seq_length} tokens does "
-                f"not match the micro-batch ({q.shape[0]} x {k.shape[2]} keys); it describes the "
-                "whole sequence (keep it out of get_batch_on_this_cp_rank)")
         samples = [slice(None)] if documents.same_for_every_sample else \
             [slice(i, i + 1) for i in range(q.shape[0])]
         outs = []
@@ -286,6 +311,212 @@ class LongcatMLA(MegatronModule):
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return attend(q, k, v, mask, self.softmax_scale, dropout, self.cfg.attention_backend)
         return attend(q, k, v, mask, self.softmax_scale, 0.0, self.cfg.attention_backend)
+
+
+# ---- per-document attention in one call: torch's flash varlen kernel -------------------------------
+DOCUMENT_ATTENTION_ENV = "LONGCAT_DOCUMENT_ATTENTION"
+DOCUMENT_ATTENTION_MODES = ("auto", "varlen", "pieces")
+VARLEN_MAX_HEAD_DIM = 256   # torch's flash kernels: head dims up to 256, multiples of 8
+_document_mode: list = []     # stack of document_attention() overrides: (mode, kernel)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in DOCUMENT_ATTENTION_MODES:
+        raise ValueError(f"{DOCUMENT_ATTENTION_ENV}={mode!r}: use one of "
+                         f"{', '.join(DOCUMENT_ATTENTION_MODES)}")
+    return mode
+
+
+@contextlib.contextmanager
+def document_attention(mode: str, kernel: Optional[Callable] = None):
+    """Within the block, per-document attention runs as ``mode``: "auto" (varlen where
+    :func:`document_attention_path` allows it, the default), "varlen" (also off CUDA / in fp32:
+    for tests and benches) or "pieces" (one SDPA call per document piece). ``kernel`` replaces
+    torch's ``varlen_attn`` (tests and ``gpu_check --cpu`` pass :func:`varlen_reference`). Outside
+    any block the mode is ``$LONGCAT_DOCUMENT_ATTENTION`` (default "auto")."""
+    _document_mode.append((_check_mode(mode), kernel))
+    try:
+        yield
+    finally:
+        _document_mode.pop()
+
+
+def _current_mode() -> tuple:
+    if _document_mode:
+        return _document_mode[-1]
+    return _check_mode(os.environ.get(DOCUMENT_ATTENTION_ENV, "auto") or "auto"), None
+
+
+def varlen_kernel() -> Optional[Callable]:
+    """The varlen attention to call: a :func:`document_attention` override, else torch's
+    ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10), else None."""
+    override = _current_mode()[1]
+    if override is not None:
+        return override
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_refusal(mode: str, device_type: str, dtype: torch.dtype, head_dim: int, dropout: float,
+                   backend: str, capability: Optional[tuple] = None) -> Optional[str]:
+    """Why per-document attention cannot take the varlen kernel (None: it can). The semantic
+    limits hold in every mode: the ``eager`` backend is the explicit-score reference, and
+    ``varlen_attn`` has no dropout. The hardware limits of torch's flash kernel (CUDA, compute
+    capability >= 8.0, bf16/fp16, the padded head dim at most 256 and a multiple of 8) are
+    checked in "auto" only; "varlen" skips them (tests run it on CPU with a stand-in kernel)."""
+    if mode == "pieces":
+        return f"{DOCUMENT_ATTENTION_ENV}=pieces"
+    if backend != "sdpa":
+        return f"model.attention_backend={backend}"
+    if dropout > 0:
+        return "attention dropout (varlen_attn has none)"
+    if mode == "varlen":
+        return None
+    if device_type != "cuda":
+        return f"{device_type} (the flash varlen kernel is CUDA-only)"
+    if capability is not None and tuple(capability) < (8, 0):
+        return f"compute capability {capability[0]}.{capability[1]} < 8.0"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"{dtype} (flash needs bf16/fp16)"
+    if head_dim > VARLEN_MAX_HEAD_DIM or head_dim % 8:
+        return f"head dim {head_dim} (flash: at most {VARLEN_MAX_HEAD_DIM}, a multiple of 8)"
+    return None
+
+
+def document_attention_path(q: torch.Tensor, head_dim: int, dropout: float,
+                            backend: str) -> tuple[str, Optional[str]]:
+    """``("varlen", None)`` or ``("pieces", why)`` for queries ``q`` whose q·k / v head dims pad to
+    ``head_dim`` (:func:`varlen_refusal` has the rules)."""
+    mode = _current_mode()[0]
+    capability = None
+    if mode == "auto" and q.is_cuda:
+        capability = torch.cuda.get_device_capability(q.device)
+    why = varlen_refusal(mode, q.device.type, q.dtype, head_dim, dropout, backend, capability)
+    if why is None and varlen_kernel() is None:
+        why = f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return ("pieces", why) if why else ("varlen", None)
+
+
+def varlen_segments(documents: DocumentMask, samples: range, query_start: int, query_end: int,
+                    key_length: int) -> Optional[tuple]:
+    """The varlen kernel's view of the queries at global positions ``[query_start, query_end)`` of
+    ``samples`` over the keys ``[0, key_length)`` of those samples, both packed sample after sample
+    (``[len(samples)·(query_end - query_start)]`` queries, ``[len(samples)·key_length]`` keys):
+    ``(cu_q, cu_k, max_q, max_k, key_lo, key_hi)`` with one segment per document piece (Python
+    ints; ``cu_k`` relative to packed key ``key_lo``; only keys ``[key_lo, key_hi)`` are read).
+    Each segment is causal bottom-right aligned: query ``p`` of a piece sees its document's keys up
+    to ``p`` (:meth:`DocumentMask.pieces`). None when the key ranges of consecutive pieces are not
+    adjacent (under CP with more than one sample: each sample's key range starts before its query
+    chunk), i.e. one call cannot express them."""
+    span = query_end - query_start
+    cu_q, cu_k = [0], []
+    max_q = max_k = 0
+    key_hi = None
+    for n, sample in enumerate(samples):
+        for key_start, lo, hi in documents.pieces(sample, query_start, query_end):
+            k_lo, k_hi = n * key_length + key_start, n * key_length + hi
+            if key_hi is not None and k_lo != key_hi:
+                return None
+            if not cu_k:
+                cu_k.append(k_lo)
+            cu_q.append(n * span + hi - query_start)
+            cu_k.append(k_hi)
+            key_hi = k_hi
+            max_q, max_k = max(max_q, hi - lo), max(max_k, hi - key_start)
+    key_lo = cu_k[0]
+    return cu_q, [c - key_lo for c in cu_k], max_q, max_k, key_lo, key_hi
+
+
+# cu_seqlens tensors per DocumentMask (equal masks share them), device and query range: every layer
+# of a micro-batch asks for the same ones.
+_cu_cache: "weakref.WeakKeyDictionary[DocumentMask, dict]" = weakref.WeakKeyDictionary()
+
+
+def _varlen_call_plan(documents: DocumentMask, chunks: list, batch: int, key_length: int,
+                      device) -> list:
+    """One ``(chunk index, samples, cu_q, cu_k, max_q, max_k, key_lo, key_hi)`` per kernel call:
+    one for the micro-batch when the queries are the whole sequence, else one per chunk (and per
+    sample when its keys are not adjacent to the previous sample's)."""
+    key = (str(device), tuple(chunks), batch, key_length)
+    per_mask = _cu_cache.setdefault(documents, {})
+    if key not in per_mask:
+        plan = []
+        for index, (start, _, length) in enumerate(chunks):
+            whole = varlen_segments(documents, range(batch), start, start + length, key_length)
+            calls = [(range(batch), whole)] if whole is not None else [
+                (range(i, i + 1), varlen_segments(documents, range(i, i + 1), start, start + length,
+                                                  key_length)) for i in range(batch)]
+            for samples, (cu_q, cu_k, max_q, max_k, key_lo, key_hi) in calls:
+                cu = torch.tensor([cu_q, cu_k], dtype=torch.int32).to(device)
+                plan.append((index, samples, cu[0], cu[1], max_q, max_k, key_lo, key_hi))
+        per_mask[key] = plan
+    return per_mask[key]
+
+
+def varlen_document_attention(q, k, v, documents: DocumentMask, chunks: list, scale: float,
+                              kernel: Optional[Callable] = None) -> torch.Tensor:
+    """Per-document causal attention in as few varlen kernel calls as the layout allows: queries
+    ``q [s_q, b, n, d]`` (``chunks`` as in :meth:`LongcatMLA._document_attention`) over keys ``k``
+    and values ``v [s_k, b, n, d|dv]`` -> ``[s_q, b, n, dv]``. The smaller of the q·k and v head
+    dims is zero-padded (the kernel wants one head dim; exact, as in :func:`attend`)."""
+    kernel = kernel or varlen_kernel()
+    s_q, b, n, d = q.shape
+    s_k, dv = k.shape[0], v.shape[-1]
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    elif d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    width = v.shape[-1]
+    packed = {}                                     # sample range -> packed [b·s, n, D] tensors
+
+    def pack(t: torch.Tensor, samples: range) -> torch.Tensor:
+        t = t[:, samples.start:samples.stop]
+        return t.transpose(0, 1).reshape(-1, n, t.shape[-1])          # a view when one sample
+
+    outs: dict = {}
+    for index, samples, cu_q, cu_k, max_q, max_k, key_lo, key_hi in _varlen_call_plan(
+            documents, chunks, b, s_k, q.device):
+        _, local, length = chunks[index]
+        if samples not in packed:
+            packed[samples] = (pack(k, samples), pack(v, samples))
+        keys, values = packed[samples]
+        queries = pack(q[local:local + length], samples)
+        out = kernel(queries.contiguous(), keys[key_lo:key_hi].contiguous(),
+                     values[key_lo:key_hi].contiguous(), cu_q, cu_k, max_q, max_k,
+                     scale=scale, window_size=(-1, 0))                  # [len(samples)·length, n, D]
+        out = out[..., :dv].reshape(len(samples), length, n, dv).transpose(0, 1)
+        outs.setdefault(index, []).append(out)
+    parts = [torch.cat(outs[i], dim=1) if len(outs[i]) > 1 else outs[i][0] for i in range(len(chunks))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)    # [s_q, b, n, dv]
+
+
+def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                     window_size=(-1, -1), **unused):
+    """What ``torch.nn.attention.varlen.varlen_attn`` computes, one SDPA call per segment, with its
+    input contract asserted (one head dim for q, k and v, contiguous last dims, int32 cu_seqlens
+    from 0 to the packed lengths, segment lengths within max_q / max_k; causal =
+    ``window_size == (-1, 0)``, bottom-right aligned as flash's). The CPU stand-in of tests and
+    ``gpu_check --cpu``."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    assert query.dim() == key.dim() == value.dim() == 3, (query.shape, key.shape, value.shape)
+    assert query.shape[-1] == key.shape[-1] == value.shape[-1], "one head dim for q, k and v"
+    assert all(t.stride(-1) == 1 for t in (query, key, value))
+    assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and len(cu_seq_q) == len(cu_seq_k)
+    cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
+    assert cq[0] == ck[0] == 0 and cq[-1] == query.shape[0] and ck[-1] == key.shape[0], (cq, ck)
+    causal = tuple(window_size) == (-1, 0)
+    assert causal or tuple(window_size) == (-1, -1)
+    outs = []
+    for q0, q1, k0, k1 in zip(cq, cq[1:], ck, ck[1:]):
+        assert 0 < q1 - q0 <= max_q and 0 < k1 - k0 <= max_k and q1 - q0 <= k1 - k0
+        q_, k_, v_ = (t[a:e].transpose(0, 1) for t, a, e in ((query, q0, q1), (key, k0, k1), (value, k0, k1)))
+        mask = causal_lower_right(q1 - q0, k1 - k0) if causal else None
+        outs.append(F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
 
 
 def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
