@@ -48,10 +48,10 @@ check"). On a GPU the table is appended to docs/benchmarks.md (``--no-docs`` to 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -235,42 +235,12 @@ def _short(names, limit: int = 4) -> str:
 
 def _patterns(names) -> str:
     """Parameter names grouped by their pattern (layer / expert indices as ``*``), with counts."""
-    import re
 
     groups: dict = {}
     for name in names:
         pattern = re.sub(r"\.\d+(?=\.|$)", ".*", re.sub(r"^(module\.)+", "", name))
         groups[pattern] = groups.get(pattern, 0) + 1
     return ", ".join(f"{p} ({n})" for p, n in sorted(groups.items()))
-
-
-@contextlib.contextmanager
-def _ddp_bucket_size(overrides: list, bucket: int):
-    """The run config with DDP buckets of ``bucket`` parameters: ``parallel.ddp_bucket_size`` where
-    the config has it, else megatron's ``DistributedDataParallelConfig`` (built in
-    ``training/setup.build_model``) gets that default while the block runs (megatron itself keeps
-    one bucket when ``overlap_grad_reduce`` is off). Yields ``(config, how)``."""
-    from longcat_megatron.config import load_config
-
-    cfg = load_config(TINY_CONFIG, overrides)
-    if hasattr(cfg.parallel, "ddp_bucket_size"):
-        yield load_config(TINY_CONFIG, overrides + [f"parallel.ddp_bucket_size={bucket}"]), \
-            "parallel.ddp_bucket_size"
-        return
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    original = DistributedDataParallelConfig.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if self.bucket_size is None:
-            self.bucket_size = bucket
-
-    DistributedDataParallelConfig.__init__ = init
-    try:
-        yield cfg, "DistributedDataParallelConfig default patched: no parallel.ddp_bucket_size"
-    finally:
-        DistributedDataParallelConfig.__init__ = original
 
 
 def _first_reads_mode():
@@ -370,16 +340,17 @@ class WrapperProbe:
         router weight is fp32; the rest of the model is bf16 (the cast really happened)."""
         import torch
 
+        from longcat_megatron.model.full_precision import full_precision_state
+        from longcat_megatron.training.setup import unwrap
+
         kept, bad, routers = {}, [], 0
-        for name, module in self._modules(chunks):
-            for attr in getattr(module, "full_precision_names", ()):
-                tensor = module._parameters.get(attr)
-                tensor = tensor if tensor is not None else module._buffers.get(attr)
-                if tensor is None:
-                    continue
-                kept.setdefault(f"{type(module).__name__}.{attr}", set()).add(str(tensor.dtype).replace("torch.", ""))
+        for chunk in chunks:
+            for name, tensor in full_precision_state(unwrap(chunk)).items():
+                kind = re.sub(r"\.\d+(?=\.|$)", ".*", name).split(".")[-2:]
+                kept.setdefault(".".join(kind), set()).add(str(tensor.dtype).replace("torch.", ""))
                 if tensor.dtype in (torch.bfloat16, torch.float16):
-                    bad.append(f"{name}.{attr}")
+                    bad.append(name)
+        for name, module in self._modules(chunks):
             if type(module).__name__ == "ZeroExpertRouter":
                 routers += 1
                 if module.weight.dtype != torch.float32:
@@ -449,22 +420,18 @@ class WrapperProbe:
                     + (f", {wrong} not fp32" if wrong else ""))
 
     def experts_distinct(self, chunks: list) -> dict:
-        """Per MoE layer and weight kind, the local experts' weights differ pairwise at init
-        (per-expert ``local_experts.{i}.*`` parameters, or stacked ``[E, ...]`` ones)."""
+        """Per MoE layer and weight kind, the local experts' weights differ pairwise at init."""
         import torch
+
+        from longcat_megatron.model.experts import local_expert_weights
 
         layers, same = 0, []
         for name, module in self._modules(chunks):
-            if not name.endswith("mlp.experts"):
+            weights = local_expert_weights(module)
+            if weights is None:
                 continue
             layers += 1
-            kinds: dict = {}
-            for pname, p in module.named_parameters():
-                parts = pname.split(".")
-                if parts[0] == "local_experts" and len(parts) > 2:
-                    kinds.setdefault(".".join(parts[2:]), []).append(p.detach())
-                elif p.dim() == 3:
-                    kinds[pname] = list(p.detach().unbind(0))
+            kinds = {"linear_fc1.weight": weights[0], "linear_fc2.weight": weights[1]}
             for kind, weights in kinds.items():
                 for i in range(len(weights)):
                     for j in range(i + 1, len(weights)):
@@ -494,26 +461,28 @@ def check_wrapper(size: dict, bf16: bool, reference: Optional[dict]) -> list:
                                                 "parallel.overlap_param_gather=true"]
     build_optimizer = loop.build_optimizer
     losses, error, probe = {}, None, None
-    with _ddp_bucket_size(overrides, BUCKET_PARAMS) as (cfg, how):
-        probe = WrapperProbe(cfg, bf16)
+    from longcat_megatron.config import load_config
 
-        def probed_build_optimizer(run_cfg, chunks):
-            optimizer = build_optimizer(run_cfg, chunks)
-            probe.at_init(chunks, optimizer)
-            return optimizer
+    cfg = load_config(TINY_CONFIG, overrides + [f"parallel.ddp_bucket_size={BUCKET_PARAMS}"])
+    probe = WrapperProbe(cfg, bf16)
 
-        loop.build_optimizer = probed_build_optimizer
-        try:
-            result = loop.train(cfg)
-            losses = dict(result.losses)
-            probe.finish(result.model_chunks)
-        except Exception as e:  # noqa: BLE001 - reported as a row, the other checks still run
-            error = _error_line(e)
-        finally:
-            loop.build_optimizer = build_optimizer
-            runtime.shutdown()
+    def probed_build_optimizer(run_cfg, chunks):
+        optimizer = build_optimizer(run_cfg, chunks)
+        probe.at_init(chunks, optimizer)
+        return optimizer
+
+    loop.build_optimizer = probed_build_optimizer
+    try:
+        result = loop.train(cfg)
+        losses = dict(result.losses)
+        probe.finish(result.model_chunks)
+    except Exception as e:  # noqa: BLE001 - reported as a row, the other checks still run
+        error = _error_line(e)
+    finally:
+        loop.build_optimizer = build_optimizer
+        runtime.shutdown()
     seconds = time.perf_counter() - start
-    where = f"{probe.buckets} DDP bucket groups of <= {BUCKET_PARAMS} params ({how})"
+    where = f"{probe.buckets} DDP bucket groups of <= {BUCKET_PARAMS} params"
     rows = []
 
     def row(name, ok, detail):

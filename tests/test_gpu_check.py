@@ -21,13 +21,7 @@ ROWS = ["train 3 + save + resume 2", "export to HF", "bf16 Float16Module: routin
         "losses with both overlaps == both off", "Lite-width shortcut layer", "packed documents (8)",
         "per-document attention on cpu", "varlen == per-piece core attention",
         "varlen vs per-piece: Lite-width MLA block"]
-AWAITING = {
-    "RoPE inv_freq fp32": "inv_freq is a buffer that Float16Module casts to bf16 (lead's fix c)",
-    "overlap_param_gather: every parameter": "router weight, grouped experts, N-gram post-projections "
-                                             "are read outside their modules' forward (lead's fix a)",
-    "5 steps with overlap_grad_reduce": "megatron asserts param_gather_handle is None at step 2 (fix a)",
-    "losses with both overlaps == both off": "the overlap run stops at step 2 (fix a)",
-}
+AWAITING: dict = {}  # row -> why it must still fail (strict xfail); empty: every row passes
 
 
 @pytest.fixture(scope="module")
