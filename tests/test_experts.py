@@ -4,6 +4,7 @@ implementations: tests/test_moe_layouts.py.)"""
 
 from tests.harness import run_distributed
 from tests.longcat_tiny import tiny_config
+from tests.train_utils import ROOT
 
 
 def _rel(a, b) -> float:
@@ -23,18 +24,10 @@ def _experts(impl, tf, n_local, weights=None):
 
 
 def per_expert_grads(named_parameters) -> dict:
-    """Gradients by SequentialMLP's names: the grouped experts' stacked ``weight1``/``weight2``
-    gradients split into ``local_experts.{i}.linear_fc{1,2}.weight``."""
-    out = {}
-    for name, p in named_parameters:
-        stem, _, leaf = name.rpartition(".")
-        if leaf in ("weight1", "weight2") and p.grad is not None:
-            base = f"{stem}." if stem else ""
-            for i, g in enumerate(p.grad.unbind(0)):
-                out[f"{base}local_experts.{i}.linear_fc{leaf[-1]}.weight"] = g
-        else:
-            out[name] = p.grad
-    return out
+    """Gradients by SequentialMLP's names (the grouped experts' stacked ones split per expert)."""
+    from longcat_megatron.model.parallel_slicing import split_stacked_experts
+
+    return dict(split_stacked_experts((n, p.grad) for n, p in named_parameters))
 
 
 def _run(module, x, probs, counts):
@@ -138,3 +131,61 @@ def test_grouped_experts_equal_sequential():
     assert out["recompute_equal"]
     assert out["bf16_out"] < 2e-2 and out["bf16_dx"] < 2e-2, out
     assert model["loss"] <= 1e-6 and model["grads"] <= 1e-6, model
+
+
+def _init_at(expert: int, expert_tensor: int) -> dict:
+    """Full-model state at init for a layout (experts gathered to their global indices)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from longcat_megatron import runtime
+    from longcat_megatron.config import load_config
+    from longcat_megatron.model.parallel_slicing import full_key
+    from longcat_megatron.training.setup import build_model
+
+    cfg = load_config(f"{ROOT}/configs/tiny_longcat.yaml", [
+        "parallel.tensor=2", "parallel.sequence_parallel=true", f"parallel.expert={expert}",
+        f"parallel.expert_tensor={expert_tensor}", "model.mtp_num_layers=0", "train.global_batch_size=8"])
+    layout = runtime.initialize(tensor=2, expert=expert, expert_tensor=expert_tensor,
+                                num_experts=cfg.model.num_experts, seed=11)
+    model = build_model(cfg, layout, wrap_ddp=False)[0]
+    out = {}
+    for key, value in model.state_dict().items():
+        if not torch.is_tensor(value) or key.endswith("_extra_state"):
+            continue
+        if ".local_experts." in key and ps.get_expert_tensor_parallel_world_size() > 1:
+            parts = [torch.empty_like(value) for _ in range(ps.get_expert_tensor_parallel_world_size())]
+            dist.all_gather(parts, value.contiguous(), group=ps.get_expert_tensor_parallel_group())
+            if key.endswith("linear_fc1.weight"):   # per rank [gate_r; up_r]
+                halves = [p.chunk(2) for p in parts]
+                value = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+            else:
+                value = torch.cat(parts, dim=1)
+        out[full_key(model, key)] = value.clone()
+    if ps.get_expert_model_parallel_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {k: v for k, v in out.items() if ".local_experts." in k})
+        for part in gathered:
+            out.update(part)
+    return out
+
+
+def _layouts() -> dict:
+    return {"ep1": _init_at(1, 1), "ep2": _init_at(2, 1), "ep1_etp2": _init_at(1, 2)}
+
+
+def test_expert_init_is_distinct_and_independent_of_the_layout():
+    """Experts pairwise distinct; every tensor (experts included) the same at EP1, EP2, ETP2."""
+    import torch
+
+    runs = run_distributed(_layouts, 2)[0]
+    ref = runs["ep1"]
+    experts = sorted(k for k in ref if "layers.0.mlp.experts.local_experts." in k and "fc1" in k)
+    assert len(experts) == 8
+    for i, a in enumerate(experts):
+        assert not any(torch.equal(ref[a], ref[b]) for b in experts[:i]), a
+    for name, run in runs.items():
+        assert run.keys() == ref.keys(), name
+        differ = [k for k in ref if not torch.equal(run[k], ref[k])]
+        assert not differ, (name, differ[:5])

@@ -118,6 +118,7 @@ def _reference():
     import torch
 
     from longcat_megatron import runtime
+    from longcat_megatron.model import parallel_slicing
 
     runtime.initialize(seed=11)
     out = {}
@@ -129,7 +130,8 @@ def _reference():
         logits = _schedule(model, tf, batch, forward_only=True)
         model.train()
         loss = _schedule(model, tf, batch, forward_only=False)
-        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        grads = {k: g.clone() for k, g in parallel_slicing.split_stacked_experts(
+        (n, p.grad) for n, p in model.named_parameters()) if g is not None}
         out[case] = (full, logits, float(loss), grads, dict(model._last_aux))
     return pack(out)
 
@@ -170,9 +172,10 @@ def _context_parallel(reference, tensor, cases):
                 dist.all_reduce(got, group=ps.get_tensor_model_parallel_group())
             dist.all_reduce(got, group=cp_group)
             got /= average
-            want = parallel_slicing.shard(model, name, ref_grads[parallel_slicing.full_key(model, name)])
-            worst = max(worst, float((got - want).abs().max()) / scale)
-            checked += 1
+            for key, piece in parallel_slicing.split_stacked_experts([(name, got)]):
+                want = parallel_slicing.shard(model, key, ref_grads[parallel_slicing.full_key(model, key)])
+                worst = max(worst, float((piece - want).abs().max()) / scale)
+                checked += 1
         out[case] = {
             "logits": float((logits - ref_logits).abs().max() / ref_logits.abs().max()),
             "loss": abs(float(total) - ref_loss) / abs(ref_loss),

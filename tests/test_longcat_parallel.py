@@ -71,6 +71,7 @@ def _reference(overrides, per_token):
     import torch
 
     from longcat_megatron import runtime
+    from longcat_megatron.model import parallel_slicing
 
     runtime.initialize(seed=11)
     cfg = tiny_config(**overrides)
@@ -81,7 +82,8 @@ def _reference(overrides, per_token):
     logits = _run_schedule(model, tf, ids, labels, forward_only=True)
     model.train()
     loss = _run_schedule(model, tf, ids, labels, forward_only=False)
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    grads = {k: g.clone() for k, g in parallel_slicing.split_stacked_experts(
+        (n, p.grad) for n, p in model.named_parameters()) if g is not None}
     return pack((full, logits, loss, grads))
 
 
@@ -97,7 +99,7 @@ def _reduce_like_ddp(model):
             continue
         if getattr(p, "sequence_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-        if ".experts.local_experts." in name:
+        if not getattr(p, "allreduce", True):   # expert parameters (megatron's mark)
             dist.all_reduce(p.grad, group=ps.get_expert_data_parallel_group())
         else:
             dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
@@ -132,10 +134,11 @@ def _parallel(layout, overrides, reference, per_token=False):
         out["loss"] = (float(loss), dp_rank)
     scale = max(float(g.abs().max()) for g in ref_grads.values())
     worst, checked = 0.0, 0
-    for name, p in model.named_parameters():
+    for name, got in parallel_slicing.split_stacked_experts(
+            (n, p.grad if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters()):
         fk = parallel_slicing.full_key(model, name)
         want = parallel_slicing.shard(model, name, ref_grads[fk])
-        got = p.grad if p.grad is not None else torch.zeros_like(p)
         worst = max(worst, float((got - want).abs().max()) / scale)
         checked += 1
     out["grads"], out["checked"] = worst, checked

@@ -4,16 +4,20 @@
   expert, looped. The reference.
 * ``grouped`` — :class:`GroupedSwiGLUExperts`: all local experts as two grouped matrix products
   (``torch._grouped_mm``: CPU fp32/bf16, Hopper GPUs) in one autograd node with a hand-written
-  backward (four more grouped products). Its parameters are the ``SequentialMLP`` ones
-  (``local_experts.{i}.linear_fc1.weight`` ``[2F, H]`` = [gate; up],
-  ``local_experts.{i}.linear_fc2.weight`` ``[H, F]``), so plain and distributed checkpoints, HF
-  conversion and ``parallel_slicing`` are the same for both. The per-expert parameters are views
-  of one ``[E, 2F, H]`` / ``[E, H, F]`` storage, read in place by the grouped kernel; where a wrapper
-  has moved them apart (megatron's distributed-optimizer buffers) a GPU stacks a transient copy
-  (never saved for backward) and a CPU loops over the experts (torch's CPU grouped kernel loops over
-  the groups itself; copying all expert weights on every call cost more than it saved here).
+  backward (four more grouped products). Its weights are two stacked parameters, ``weight1
+  [E, 2F, H]`` (per expert [gate; up]) and ``weight2 [E, H, F]``, read in place by the kernel
+  wherever a wrapper places them (no per-step copy) and with stacked gradients. Its plain state
+  dict and its distributed checkpoint layout are SequentialMLP's (``local_experts.{i}.linear_fc1
+  .weight`` ``[2F, H]``, ``local_experts.{i}.linear_fc2.weight`` ``[H, F]``), so checkpoints, HF
+  conversion and ``parallel_slicing`` are the same for every implementation. The group offsets
+  reach the GPU without a blocking host copy (:func:`group_offsets`).
 * ``te`` — megatron-core's ``TEGroupedMLP`` (TransformerEngine grouped linear, GPU only; imported
   only when chosen). Its state dict is mapped onto the same ``local_experts.{i}`` keys.
+
+Initialisation (every implementation, :class:`DistinctInitExperts`): global expert g of layer l is
+drawn from a random stream of its own, whole and then sliced to this rank's expert-tensor shard,
+so experts are distinct on every EP rank and identical at any EP x ETP layout; building experts
+draws nothing from the global random streams, so the rest of the model does not depend on EP.
 
 Selective recompute: when the TransformerConfig has ``recompute_granularity="selective"`` with
 ``"moe_act"`` in ``recompute_modules``, the grouped experts do not keep the SwiGLU output ``[T, F]``
@@ -63,16 +67,21 @@ def building_layer(layer_number: int):
         _LAYER.reset(token)
 
 
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class DistinctInitExperts:
     """Mixin for an experts module (before the megatron class in the bases): megatron builds the
-    weights uninitialised and without drawing from the global random streams, so that the rest of
-    the model's initialisation does not depend on the expert-parallel size; then
+    weights with a no-op init method (its init path still runs, so every parameter gets megatron's
+    tensor-parallel attributes) and without drawing from the global random streams, so that the
+    rest of the model's initialisation does not depend on the expert-parallel size; then
     :func:`reset_expert_parameters` draws every global expert from a stream of its own (layer: the
     enclosing :func:`building_layer`, seed: the global seed)."""
 
     def __init__(self, num_local_experts, config, *args, **kwargs):
         unset = copy.copy(config)
-        unset.perform_initialization = False
+        unset.init_method = unset.output_layer_init_method = _no_init
         with torch.random.fork_rng(devices=_rng_devices()):
             super().__init__(num_local_experts, unset, *args, **kwargs)
         self.config = config

@@ -83,6 +83,21 @@ def _is_glu(model: torch.nn.Module, local_key: str) -> bool:
     return bool(getattr(getattr(module, "config", None), "gated_linear_unit", False))
 
 
+def split_stacked_experts(items):
+    """``(name, tensor)`` pairs with the grouped experts' stacked ``...experts.weight1/weight2``
+    ``[E, ...]`` (their gradients, say) split into SequentialMLP's per-expert names
+    ``...experts.local_experts.{i}.linear_fc{1,2}.weight``: the names :func:`full_key` and
+    :func:`shard` take."""
+    for name, tensor in items:
+        stem, _, leaf = name.rpartition(".")
+        if leaf in ("weight1", "weight2") and stem.endswith("experts") or name in ("weight1", "weight2"):
+            base = f"{stem}." if stem else ""           # the experts module itself: no prefix
+            for i, piece in enumerate(tensor.unbind(0) if tensor is not None else ()):
+                yield f"{base}local_experts.{i}.linear_fc{leaf[-1]}.weight", piece
+        else:
+            yield name, tensor
+
+
 def load_full_state_dict(model: torch.nn.Module, full: dict) -> None:
     """Load this rank's part of the full state dict ``full`` (strict on tensors)."""
     local = {}
