@@ -138,37 +138,13 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("LONGCAT_FORCE_CPU") != "1"
 
 
-_CPU_GROUP = None
-
-
-def _init_cpu_group() -> None:
-    """Create the gloo group for object collectives (collective: every rank calls it once, right
-    after ``init_process_group``). Under gloo the default group already is one."""
-    global _CPU_GROUP
-    if dist.get_backend() == "gloo":
-        _CPU_GROUP = dist.GroupMember.WORLD
-    else:
-        _CPU_GROUP = dist.new_group(backend="gloo")
-
-
-def has_cpu_group() -> bool:
-    return _CPU_GROUP is not None
-
-
-def cpu_group():
-    """The gloo group over all ranks for object collectives (megatron keeps gloo groups beside its
-    NCCL ones for the same reason); see longcat_megatron/collectives.py."""
-    if _CPU_GROUP is None:
-        raise RuntimeError("runtime.cpu_group(): torch.distributed was not initialised through "
-                           "longcat_megatron.runtime.init_distributed, which creates the gloo group")
-    return _CPU_GROUP
-
-
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
-    """Initialise torch.distributed (idempotent). Returns (rank, world_size)."""
+    """Initialise torch.distributed (idempotent). Returns (rank, world_size).
+
+    Creates only the default process group; megatron-core's groups (and their gloo twins) come from
+    :func:`init_parallel_state`. No world-wide gloo group is created (at 1,000+ ranks its TCP mesh of
+    world - 1 sockets per rank slowed every start and ran into open-file limits)."""
     if dist.is_initialized():
-        if not has_cpu_group():
-            _init_cpu_group()
         return dist.get_rank(), dist.get_world_size()
     rank, world, local = launcher_env()
     if backend == "auto":
@@ -183,7 +159,6 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     dist.init_process_group(
         backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
     )
-    _init_cpu_group()  # gloo group for object collectives, beside the NCCL groups
     return rank, world
 
 
@@ -250,8 +225,6 @@ def shutdown() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
-        global _CPU_GROUP
-        _CPU_GROUP = None
         dist.destroy_process_group()
 
 
