@@ -17,7 +17,8 @@
 # Environment (all optional; a stage script documents its own recipe variables):
 #   LONGCAT_ROOT     repository root (default: found from this file, or $SLURM_SUBMIT_DIR)
 #   LONGCAT_VENV     virtualenv to use when none is active (default: $LONGCAT_ROOT/.venv)
-#   LONGCAT_CPU=1    CPU test mode: gloo backend, no CUDA, NPROC_PER_NODE default 2, OMP threads 1
+#   LONGCAT_CPU=1    CPU test mode: gloo backend, no CUDA, NPROC_PER_NODE default 2, OMP threads 1;
+#                    without it the job runs with parallel.backend=nccl and needs a usable CUDA GPU
 #   NPROC_PER_NODE   processes per node (default: GPUs of the allocation / visible GPUs, else 8; CPU: 2)
 #   MARKER_DIR       where ranks leave the "exit 75: requeue me" marker for the batch shell; must be
 #                    visible from the first node (default: the stage's checkpoint directory, which a
@@ -85,7 +86,9 @@ lc_setup_env() {
             [ -n "$NPROC_PER_NODE" ] || NPROC_PER_NODE="$(nvidia-smi -L 2>/dev/null | wc -l)"
             [ "${NPROC_PER_NODE:-0}" -gt 0 ] 2>/dev/null || NPROC_PER_NODE=8
         fi
-        LC_BACKEND_OVERRIDE=()
+        # GPU mode says so: without a usable CUDA (a CPU-only torch wheel, a broken driver) the ranks
+        # stop at start-up with the cause and the fix (exit 2) instead of training on the CPU for hours.
+        LC_BACKEND_OVERRIDE=(parallel.backend=nccl)
     fi
     # torchrun: forward SIGUSR1 (SLURM's pre-timeout warning) too, and give ranks time to save.
     export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"

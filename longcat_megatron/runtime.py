@@ -1,9 +1,10 @@
 """Distributed runtime: torch.distributed + megatron-core parallel_state + seeding.
 
 Reads the launcher's environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or
-SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when started by ``srun`` directly), picks NCCL+CUDA
-when a GPU is present and gloo+CPU otherwise, applies the CPU adaptations only on CPU, and builds
-megatron-core's tensor/pipeline/context/expert/data parallel groups.
+SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when started by ``srun`` directly), picks
+NCCL+CUDA when a GPU is usable and gloo+CPU when the run asked for the CPU or nothing suggests GPUs (an
+error when GPUs were evidently expected but CUDA is unusable), applies the CPU adaptations only on CPU,
+and builds megatron-core's tensor/pipeline/context/expert/data parallel groups.
 """
 
 from __future__ import annotations
@@ -138,6 +139,109 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("LONGCAT_FORCE_CPU") != "1"
 
 
+# --- backend ------------------------------------------------------------------------------------------------
+class BackendError(UserInputError):
+    """The requested (or evidently expected) CUDA/NCCL set-up is not usable in this process."""
+
+
+_HIDDEN = ("", "-1", "none", "NoDevFiles")  # CUDA_VISIBLE_DEVICES values that show no device
+
+
+def gpu_evidence(env=None) -> list[str]:
+    """What says this process is meant to train on GPUs (empty: nothing does)."""
+    import glob
+    import shutil
+
+    env = os.environ if env is None else env
+    found = []
+    count = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if count and count != "0":
+        found.append(f"SLURM allocated GPUs: SLURM_GPUS_ON_NODE={count}")
+    for name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        if env.get(name, "").strip():
+            found.append(f"SLURM allocated GPUs: {name}={env[name].strip()}")
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() not in _HIDDEN:
+        found.append(f"CUDA_VISIBLE_DEVICES={visible.strip()}")
+    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if smi:
+        found.append(f"nvidia-smi is installed: {smi}")
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if devices:
+        found.append(f"NVIDIA device files exist: {devices[0]}{' ...' if len(devices) > 1 else ''}")
+    return found
+
+
+def _cuda_init_error() -> str:
+    """torch's own reason why CUDA does not initialise ('' when it does)."""
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - any failure is the reason we report
+        return " ".join(str(e).split())
+    return ""
+
+
+def cuda_unusable_reason(env=None) -> tuple[str, str]:
+    """(cause, fix) for ``torch.cuda.is_available()`` being False."""
+    env = os.environ if env is None else env
+    version = torch.__version__.split("+")[0]
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)",
+                f"install the CUDA build of torch {version} into this environment (README, "
+                f"'Dependencies'; e.g. pip install torch=={version} --index-url "
+                "https://download.pytorch.org/whl/cu128: the cuXYZ index of a CUDA version the node's "
+                "driver supports)")
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in _HIDDEN:
+        return (f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process",
+                "do not clear CUDA_VISIBLE_DEVICES (ask SLURM for GPUs: --gpus-per-node / "
+                "--gpus-per-task)")
+    detail = _cuda_init_error()
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+    return (f"torch {torch.__version__} is built for {built}, but no GPU is usable"
+            f"{': ' + detail if detail else ''}",
+            f"check the GPU driver on this node (`nvidia-smi` must list the GPUs; the driver must "
+            f"support {built}) and that the job was given GPUs")
+
+
+def _cpu_hint() -> str:
+    return ("To train on the CPU on purpose, run the launcher with LONGCAT_CPU=1 (or set "
+            "parallel.backend=gloo).")
+
+
+def choose_backend(backend: str = "auto") -> str:
+    """'nccl' or 'gloo' for ``parallel.backend``. ``auto`` is NCCL when CUDA is usable, gloo when the
+    run asked for CPU (LONGCAT_FORCE_CPU=1, which LONGCAT_CPU=1 sets) or nothing suggests GPUs; when
+    GPUs were evidently expected (SLURM allocated some, CUDA_VISIBLE_DEVICES names some, an NVIDIA
+    driver is installed) but CUDA is not usable, it is a :class:`BackendError` naming the cause and
+    the fix instead of hours of training on the CPU."""
+    if backend == "gloo":
+        return "gloo"
+    force_cpu = os.environ.get("LONGCAT_FORCE_CPU") == "1"
+    if backend == "nccl":
+        if force_cpu:
+            raise BackendError("parallel.backend=nccl, but LONGCAT_FORCE_CPU=1 (LONGCAT_CPU=1) asks for "
+                               "the CPU: drop one of the two (CPU runs use parallel.backend=gloo)")
+        if not torch.cuda.is_available():
+            cause, fix = cuda_unusable_reason()
+            raise BackendError(f"parallel.backend=nccl needs a usable CUDA GPU, and this process has "
+                               f"none. Cause: {cause}. Fix: {fix}. {_cpu_hint()}")
+        return "nccl"
+    if backend != "auto":
+        raise BackendError(f"parallel.backend={backend!r}: use auto, gloo or nccl")
+    if use_cuda():
+        return "nccl"
+    if force_cpu:
+        return "gloo"
+    evidence = gpu_evidence()
+    if evidence:
+        cause, fix = cuda_unusable_reason()
+        raise BackendError(f"no usable CUDA GPU, but this process is evidently meant to train on GPUs "
+                           f"({'; '.join(evidence)}): parallel.backend=auto would fall back to gloo "
+                           f"on the CPU. Cause: {cause}. Fix: {fix}. {_cpu_hint()}")
+    return "gloo"
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialise torch.distributed (idempotent). Returns (rank, world_size).
 
@@ -147,8 +251,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     rank, world, local = launcher_env()
-    if backend == "auto":
-        backend = "nccl" if use_cuda() else "gloo"
+    backend = choose_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(local)
     else:
