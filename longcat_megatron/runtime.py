@@ -1,7 +1,7 @@
 """Distributed runtime: torch.distributed + megatron-core parallel_state + seeding.
 
 Reads the launcher's environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or
-SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when started by ``srun`` directly), picks
+SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and node list when started by ``srun`` directly), picks
 NCCL+CUDA when a GPU is usable and gloo+CPU when the run asked for the CPU or nothing suggests GPUs (an
 error when GPUs were evidently expected but CUDA is unusable), applies the CPU adaptations only on CPU,
 and builds megatron-core's tensor/pipeline/context/expert/data parallel groups.
@@ -135,11 +135,94 @@ def launcher_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def started_by_srun(env=None) -> bool:
+    """True when ``srun`` started this process directly (one task per rank, no torchrun): SLURM's
+    task variables are set and torchrun's are not."""
+    env = os.environ if env is None else env
+    return env.get("RANK", "") == "" and env.get("SLURM_PROCID", "") != ""
+
+
 def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("LONGCAT_FORCE_CPU") != "1"
 
 
-# --- backend ------------------------------------------------------------------------------------------------
+# --- SLURM host lists and the rendezvous address ----------------------------------------------------
+def expand_hostlist(spec: str) -> list[str]:
+    """SLURM's compressed host list (``gpu[001-004,010],login1``, ``r[1-2]-n[01-02]``) as host names,
+    in SLURM's order. Raises ValueError for a malformed list."""
+    hosts: list[str] = []
+    depth, item = 0, ""
+    for ch in spec.strip() + ",":
+        if ch == "," and depth == 0:
+            if item:
+                hosts.extend(_expand_host(item))
+            item = ""
+            continue
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"malformed SLURM host list {spec!r}")
+        item += ch
+    if depth:
+        raise ValueError(f"malformed SLURM host list {spec!r}")
+    return hosts
+
+
+def _expand_host(item: str) -> list[str]:
+    if "[" not in item:
+        if "]" in item:
+            raise ValueError(f"malformed SLURM host name {item!r}")
+        return [item]
+    prefix, rest = item.split("[", 1)
+    ranges, _, suffix = rest.partition("]")
+    tails = _expand_host(suffix) if suffix else [""]
+    out = []
+    for part in ranges.split(","):
+        lo, dash, hi = part.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or (dash and int(hi) < int(lo)):
+            raise ValueError(f"malformed range {part!r} in SLURM host list item {item!r}")
+        for n in range(int(lo), int(hi if dash else lo) + 1):
+            out.extend(prefix + str(n).zfill(len(lo)) + t for t in tails)
+    return out
+
+
+def first_host(spec: str) -> str:
+    """The first host of a SLURM host list (``scontrol show hostnames`` when our parser cannot read it)."""
+    try:
+        hosts = expand_hostlist(spec)
+    except ValueError:
+        import subprocess
+
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", spec], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+        if not out:
+            raise UserInputError(f"cannot read the SLURM host list {spec!r} (nor can `scontrol show "
+                                 "hostnames`): export MASTER_ADDR=<host of rank 0>") from None
+        return out[0]
+    if not hosts:
+        raise UserInputError(f"the SLURM host list {spec!r} is empty: export MASTER_ADDR=<host of rank 0>")
+    return hosts[0]
+
+
+def rendezvous_address(env=None) -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) for ``init_process_group``: the exported values; when ``srun``
+    started the ranks directly, the first host of the step's (else the job's) node list, where task 0
+    runs, and port 20000 + job id % 20000 (the batch launcher's rule); else 127.0.0.1:29500."""
+    env = os.environ if env is None else env
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    if started_by_srun(env):
+        if not addr:
+            nodes = next((env[n] for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                          if env.get(n)), "")
+            addr = first_host(nodes) if nodes else ""
+        if not port and env.get("SLURM_JOB_ID", "").isdigit():
+            port = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    return addr or "127.0.0.1", port or "29500"
+
+
+# --- backend and device -----------------------------------------------------------------------------
 class BackendError(UserInputError):
     """The requested (or evidently expected) CUDA/NCCL set-up is not usable in this process."""
 
@@ -242,6 +325,29 @@ def choose_backend(backend: str = "auto") -> str:
     return "gloo"
 
 
+def choose_cuda_device(local_rank: int, env=None) -> int:
+    """The CUDA device index for this process: 0 when it sees exactly one GPU (srun's per-task binding,
+    ``--gpus-per-task=1`` / ``--gpu-bind=single:1``, gives every task its own, as device 0), else its
+    local rank, which must be below the number of visible GPUs."""
+    env = os.environ if env is None else env
+    count = torch.cuda.device_count()
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{count} GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+    local_world = env.get("LOCAL_WORLD_SIZE", "")
+    if count == 1 and local_world.isdigit() and int(local_world) > 1:
+        raise BackendError(f"{local_world} processes on this node (LOCAL_WORLD_SIZE) share the one GPU "
+                           f"this process sees ({seen}): start one process per GPU "
+                           "(torchrun --nproc-per-node = visible GPUs)")
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        names = "SLURM_LOCALID" if started_by_srun(env) else "LOCAL_RANK"
+        raise BackendError(f"local rank {local_rank} ({names}) has no GPU of its own: this process sees "
+                           f"{seen}. Start at most one task per visible GPU on each node, or bind one GPU "
+                           "to each task (srun --gpus-per-task=1 or --gpu-bind=single:1)")
+    return local_rank
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialise torch.distributed (idempotent). Returns (rank, world_size).
 
@@ -253,12 +359,12 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     rank, world, local = launcher_env()
     backend = choose_backend(backend)
     if backend == "nccl":
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(choose_cuda_device(local))
     else:
         cpu_compat.apply()
     mcore_fixes.apply()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    addr, port = rendezvous_address()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
     dist.init_process_group(
         backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
     )
