@@ -44,7 +44,9 @@ class ParallelConfig:
     # optimizer) the parameter all-gather with the next forward.
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
-    # gloo/CUDA backend is chosen automatically; "auto" | "gloo" | "nccl".
+    # "auto" | "gloo" | "nccl". auto: NCCL when CUDA is usable, gloo when the run asked for the CPU
+    # (LONGCAT_FORCE_CPU=1) or nothing suggests GPUs, an error naming the cause when GPUs were
+    # evidently expected (runtime.choose_backend); the GPU-mode launchers pass nccl.
     backend: str = "auto"
 
 
