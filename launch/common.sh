@@ -8,14 +8,17 @@
 #     the step it requeues the job (scontrol requeue) when training stopped early after saving
 #     (exit 75: SIGUSR1/SIGTERM or the exit-duration limit), so the job resumes with no flags changed;
 #   * outside SLURM: runs the same job with torchrun on this machine (NPROC_PER_NODE processes) and
-#     exits 75 when the run stopped early after saving (run the same command again to resume);
+#     exits 75 when the run stopped early after saving (run the same command again to resume); a
+#     SIGTERM/SIGINT/SIGHUP/SIGUSR1 to this shell (timeout, kill PID, Ctrl-C) is passed on to torchrun
+#     once, and the shell waits for the save before it exits 75;
 #   * with --dry-run as first argument: validates the config and prints the plan, no training.
 # Remaining arguments are config overrides appended last (they win over the recipe).
 #
 # Environment (all optional; a stage script documents its own recipe variables):
 #   LONGCAT_ROOT     repository root (default: found from this file, or $SLURM_SUBMIT_DIR)
 #   LONGCAT_VENV     virtualenv to use when none is active (default: $LONGCAT_ROOT/.venv)
-#   LONGCAT_CPU=1    CPU test mode: gloo backend, no CUDA, NPROC_PER_NODE default 2, OMP threads 1
+#   LONGCAT_CPU=1    CPU test mode: gloo backend, no CUDA, NPROC_PER_NODE default 2, OMP threads 1;
+#                    without it the job runs with parallel.backend=nccl and needs a usable CUDA GPU
 #   NPROC_PER_NODE   processes per node (default: GPUs of the allocation / visible GPUs, else 8; CPU: 2)
 #   MARKER_DIR       where ranks leave the "exit 75: requeue me" marker for the batch shell; must be
 #                    visible from the first node (default: the stage's checkpoint directory, which a
@@ -83,7 +86,9 @@ lc_setup_env() {
             [ -n "$NPROC_PER_NODE" ] || NPROC_PER_NODE="$(nvidia-smi -L 2>/dev/null | wc -l)"
             [ "${NPROC_PER_NODE:-0}" -gt 0 ] 2>/dev/null || NPROC_PER_NODE=8
         fi
-        LC_BACKEND_OVERRIDE=()
+        # GPU mode says so: without a usable CUDA (a CPU-only torch wheel, a broken driver) the ranks
+        # stop at start-up with the cause and the fix (exit 2) instead of training on the CPU for hours.
+        LC_BACKEND_OVERRIDE=(parallel.backend=nccl)
     fi
     # torchrun: forward SIGUSR1 (SLURM's pre-timeout warning) too, and give ranks time to save.
     export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
@@ -236,14 +241,22 @@ lc_main() {
         exec "$PYTHON" -m longcat_megatron.train --config "$CONFIG" ${STAGE_FILE:+--stage "$STAGE_FILE"} --dry-run \
             --world-size $(( nodes * NPROC_PER_NODE )) "${STAGE_OVERRIDES[@]}" "${LC_BACKEND_OVERRIDE[@]}" "$@"
     fi
-    lc_preflight "$@" || exit 2
+    local where=local
+    [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${LONGCAT_NO_SLURM:-}" ] && where=slurm
+    # Locally this shell is what timeout, kill PID and Ctrl-C signal: from here on it passes a stop on
+    # to torchrun and waits (lc_run_local); under SLURM the batch shell has its own traps (lc_run_slurm).
+    [ "$where" = local ] && lc_trap_local_signals
+    if ! lc_preflight "$@"; then
+        [ -n "$LC_LOCAL_STOP" ] && lc_stopped_before_start
+        exit 2
+    fi
     LC_RUNTIME_OVERRIDES=()
     export LONGCAT_JOB_START_TIME; LONGCAT_JOB_START_TIME="$(lc_job_start_time)"
     local dur; dur="$(lc_exit_duration_override)"
     [ -n "$dur" ] && LC_RUNTIME_OVERRIDES+=("$dur")
     [ "${HANG_TIMEOUT_MINS:-20}" != 0 ] && LC_RUNTIME_OVERRIDES+=("train.hang_timeout_mins=${HANG_TIMEOUT_MINS:-20}")
     [ -n "${LC_CKPT_DIR:-}" ] && export LONGCAT_LOG_DIR="${LONGCAT_LOG_DIR:-$LC_CKPT_DIR/logs}"
-    if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${LONGCAT_NO_SLURM:-}" ]; then
+    if [ "$where" = slurm ]; then
         lc_run_slurm "$@"
     else
         lc_run_local "$@"
@@ -264,16 +277,88 @@ lc_preflight() {
     return "$rc"
 }
 
+# --- a run on this machine -------------------------------------------------------------------------
+# The wrapper (local.sh, or a stage script outside SLURM) is the process that `timeout`, `kill PID` and
+# Ctrl-C signal. Bash's default is to die at once and leave torchrun and the ranks running without it
+# (the exit code 75 lost, `timeout` returning while they still save), so it traps the stop signals,
+# passes the first one on to torchrun (which forwards it to the ranks: they save and exit 75) and waits.
+# torchrun runs in a process group of its own, so only this shell signals it, exactly once: a signal to
+# the whole group (timeout's, the terminal's) would otherwise reach it twice, and torchrun restarts its
+# shutdown on a second signal and gives up on a third, leaving the ranks running.
+LC_LOCAL_STOP=""        # the first stop signal this shell received (TERM, INT, HUP, QUIT, USR1)
+LC_LOCAL_PID=""         # torchrun, once started
+LC_LOCAL_FORWARDED=""
+lc_trap_local_signals() {
+    local s
+    for s in TERM INT HUP QUIT USR1; do
+        # shellcheck disable=SC2064
+        trap "lc_on_local_signal $s" "$s"
+    done
+}
+
+lc_on_local_signal() {
+    if [ -n "$LC_LOCAL_STOP" ]; then
+        lc_log "SIG$1 received again: already stopping (SIG$LC_LOCAL_STOP), waiting for the ranks to \
+save and exit${LC_LOCAL_PID:+ (torchrun pid $LC_LOCAL_PID; kill -KILL it and its ranks to abandon the save)}"
+        return 0
+    fi
+    LC_LOCAL_STOP="$1"
+    [ -n "$LC_LOCAL_PID" ] || lc_log "received SIG$1 before training started"
+    lc_forward_local_stop
+}
+
+lc_forward_local_stop() {  # once, as soon as both a stop signal and torchrun exist
+    [ -n "$LC_LOCAL_STOP" ] && [ -n "$LC_LOCAL_PID" ] && [ -z "$LC_LOCAL_FORWARDED" ] || return 0
+    LC_LOCAL_FORWARDED=1
+    local sig="$LC_LOCAL_STOP"
+    # The ranks save on TERM, INT and USR1; SIGHUP (terminal closed) would kill them unsaved. SIGQUIT
+    # (Ctrl-\) stays a quit: the ranks die without saving.
+    [ "$sig" = HUP ] && sig=TERM
+    lc_log "received SIG$LC_LOCAL_STOP: passing SIG$sig to torchrun (pid $LC_LOCAL_PID); the ranks save a \
+checkpoint and exit, then this script exits 75"
+    kill -s "$sig" "$LC_LOCAL_PID" 2>/dev/null || true
+}
+
+lc_stopped_before_start() {
+    lc_log "stopped by SIG$LC_LOCAL_STOP before training started (nothing was started): run the same \
+command again"
+    exit 75
+}
+
 lc_run_local() {
-    local marker; marker="$(mktemp -u "${TMPDIR:-/tmp}/longcat-requeue.XXXXXX")"
+    local marker codes
+    marker="$(mktemp -u "${TMPDIR:-/tmp}/longcat-requeue.XXXXXX")"
+    codes="$(mktemp -u "${TMPDIR:-/tmp}/longcat-exits.XXXXXX")"
     lc_train_cmd "$@"
+    [ -n "$LC_LOCAL_STOP" ] && lc_stopped_before_start
     lc_log "torchrun on this machine: $NPROC_PER_NODE processes, config $CONFIG"
-    LONGCAT_REQUEUE_MARKER="$marker" LONGCAT_EXIT_CODES="" "$PYTHON" -m torch.distributed.run --standalone \
-        --nproc-per-node="$NPROC_PER_NODE" $LC_TORCHRUN_SIGNAL_ARGS ${EXTRA_LAUNCHER_ARGS:-} --no-python "${LC_TRAIN[@]}"
-    local rc=$?
+    set -m   # job control for this one job only: torchrun gets a process group of its own (see above)
+    LONGCAT_REQUEUE_MARKER="$marker" LONGCAT_EXIT_CODES="$codes" "$PYTHON" -m torch.distributed.run --standalone \
+        --nproc-per-node="$NPROC_PER_NODE" $LC_TORCHRUN_SIGNAL_ARGS ${EXTRA_LAUNCHER_ARGS:-} --no-python "${LC_TRAIN[@]}" &
+    LC_LOCAL_PID=$!
+    set +m
+    lc_forward_local_stop   # a signal that arrived while torchrun was being started
+    local rc
+    while :; do   # a trapped signal interrupts `wait` (status > 128); torchrun is still running then
+        wait "$LC_LOCAL_PID"; rc=$?
+        [ "$rc" -gt 128 ] || break
+        kill -0 "$LC_LOCAL_PID" 2>/dev/null && continue
+        wait "$LC_LOCAL_PID" 2>/dev/null   # it ended meanwhile: its status, if not yet collected
+        local again=$?; [ "$again" != 127 ] && rc=$again
+        break
+    done
+    local rank_codes; rank_codes="$(sort -u "$codes" 2>/dev/null | tr '\n' ' ')"
+    rm -f "$codes"
     if [ -e "$marker" ]; then
         rm -f "$marker"
         lc_log "training stopped early after saving a checkpoint; run the same command again to resume"
+        return 75
+    fi
+    if [ -n "$LC_LOCAL_STOP" ] && [ "$rc" != 0 ] && [[ " $rank_codes" != *" 2 "* ]]; then
+        # e.g. the signal came while the ranks were still starting (before their handler was in place)
+        local it; it="$(lc_committed_iteration "${LC_CKPT_DIR:-/nonexistent}")"
+        lc_log "training ended with exit $rc after SIG$LC_LOCAL_STOP without saving; run the same command \
+again to resume from the last committed checkpoint${it:+ (iteration $it)}"
         return 75
     fi
     return "$rc"

@@ -5,14 +5,17 @@
 #   bash launch/local.sh 2 configs/tiny.yaml checkpoint.save=runs/tiny/ckpt
 #   bash launch/local.sh 1 configs/tiny.yaml --dry-run          # validate + print the plan
 #
-# Without a GPU the processes use gloo on CPU (set LONGCAT_CPU=1 to force that on a GPU machine).
-# Exit code: 0 done, 2 bad config, 75 stopped early after saving (Ctrl-C/SIGTERM/SIGUSR1 to torchrun,
-# or train.exit_duration_mins): run the same command again and it resumes from checkpoint.save.
-# torchrun forwards those signals to the ranks (--signals-to-handle); the ranks' helper processes die
-# with them.
+# Without nvidia-smi the processes use gloo on CPU (LONGCAT_CPU=1); with it NCCL on the GPUs, and a torch
+# without usable CUDA is an error naming the cause (set LONGCAT_CPU=1 to run on CPU there anyway).
+# Exit code: 0 done, 2 bad config, 75 stopped early (Ctrl-C, SIGTERM/SIGHUP/SIGUSR1 to this script or
+# SIGTERM/SIGINT/SIGUSR1 to torchrun, or train.exit_duration_mins): run the same command again and it
+# resumes from checkpoint.save. This script passes a signal on to torchrun once and waits; torchrun
+# forwards it to the ranks, which save and exit; their helper processes die with them.
+# Bound a run:  timeout --preserve-status -s TERM 3600 bash launch/local.sh ...   (exit 75 at expiry;
+# without --preserve-status timeout reports 124; give `timeout -k` more than one save)
 # The stage recipes run locally too: `bash launch/pretrain.sh` outside an allocation uses torchrun.
 if [ $# -lt 2 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 NPROC_PER_NODE="$1"; CONFIG="$2"; shift 2

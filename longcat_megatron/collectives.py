@@ -6,32 +6,22 @@ megatron group of a GPU run) take only CUDA tensors, so a flag built on the CPU 
 :func:`longcat_megatron.runtime.device` first; gloo groups take CPU tensors. Project code therefore
 sends stop flags, loss sums, routing counts and similar small statistics through :func:`all_reduce`
 (or :func:`any_rank`), which places the tensor for the group and hands the
-result back where the caller keeps it. Python objects (pickled collectives) go through
-:func:`cpu_group`, a gloo group over all ranks created once beside the NCCL groups by
-:func:`longcat_megatron.runtime.init_distributed` (as megatron does for its gloo groups).
-Data-plane exchanges on activations (the N-gram lookup, megatron's own collectives) already hold
-model tensors, which live on ``runtime.device()``.
+result back where the caller keeps it. Data-plane exchanges on activations (the N-gram lookup,
+megatron's own collectives) already hold model tensors, which live on ``runtime.device()``.
+
+Python-object collectives (``all_gather_object`` and friends) are not used by project code, and no
+world-wide gloo group exists for them (``runtime.init_distributed`` creates only the default group:
+a world group of gloo costs every rank world - 1 TCP connections at start-up). Code that needs one
+passes one of megatron's gloo groups explicitly, e.g.
+``parallel_state.get_data_parallel_group_gloo()`` (collective over that group's ranks only; it
+exists once ``runtime.init_parallel_state`` ran); the audit in tests/test_collectives.py fails an
+object collective on any other group.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 import torch.distributed as dist
-
-def cpu_group():
-    """The gloo group over all ranks for object collectives (``all_gather_object`` and friends);
-    created by :func:`longcat_megatron.runtime.init_distributed`."""
-    from longcat_megatron import runtime
-
-    return runtime.cpu_group()
-
-
-def has_cpu_group() -> bool:
-    from longcat_megatron import runtime
-
-    return runtime.has_cpu_group()
 
 
 def device_for(group=None) -> torch.device:
@@ -61,17 +51,3 @@ def any_rank(flag: bool, group=None) -> bool:
     """True on every rank if ``flag`` is true on any rank of ``group``."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     return bool(all_reduce(t, dist.ReduceOp.MAX, group).item())
-
-
-def all_gather_object(obj: Any) -> list:
-    """``obj`` of every rank (index = rank), through the gloo group."""
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=cpu_group())
-    return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank, through the gloo group."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=cpu_group())
-    return box[0]

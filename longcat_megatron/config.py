@@ -47,7 +47,9 @@ class ParallelConfig:
     # megatron DDP bucket size in parameters (used with overlap_grad_reduce); None = megatron's
     # default, max(40M, 1M x DP). Small values give a small model the multi-bucket paths of a big one.
     ddp_bucket_size: Optional[int] = None
-    # gloo/CUDA backend is chosen automatically; "auto" | "gloo" | "nccl".
+    # "auto" | "gloo" | "nccl". auto: NCCL when CUDA is usable, gloo when the run asked for the CPU
+    # (LONGCAT_FORCE_CPU=1) or nothing suggests GPUs, an error naming the cause when GPUs were
+    # evidently expected (runtime.choose_backend); the GPU-mode launchers pass nccl.
     backend: str = "auto"
 
 

@@ -1,9 +1,10 @@
 """Distributed runtime: torch.distributed + megatron-core parallel_state + seeding.
 
 Reads the launcher's environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or
-SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when started by ``srun`` directly), picks NCCL+CUDA
-when a GPU is present and gloo+CPU otherwise, applies the CPU adaptations only on CPU, and builds
-megatron-core's tensor/pipeline/context/expert/data parallel groups.
+SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and node list when started by ``srun`` directly), picks
+NCCL+CUDA when a GPU is usable and gloo+CPU when the run asked for the CPU or nothing suggests GPUs (an
+error when GPUs were evidently expected but CUDA is unusable), applies the CPU adaptations only on CPU,
+and builds megatron-core's tensor/pipeline/context/expert/data parallel groups.
 """
 
 from __future__ import annotations
@@ -134,56 +135,239 @@ def launcher_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def started_by_srun(env=None) -> bool:
+    """True when ``srun`` started this process directly (one task per rank, no torchrun): SLURM's
+    task variables are set and torchrun's are not."""
+    env = os.environ if env is None else env
+    return env.get("RANK", "") == "" and env.get("SLURM_PROCID", "") != ""
+
+
 def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("LONGCAT_FORCE_CPU") != "1"
 
 
-_CPU_GROUP = None
+# --- SLURM host lists and the rendezvous address ----------------------------------------------------
+def expand_hostlist(spec: str) -> list[str]:
+    """SLURM's compressed host list (``gpu[001-004,010],login1``, ``r[1-2]-n[01-02]``) as host names,
+    in SLURM's order. Raises ValueError for a malformed list."""
+    hosts: list[str] = []
+    depth, item = 0, ""
+    for ch in spec.strip() + ",":
+        if ch == "," and depth == 0:
+            if item:
+                hosts.extend(_expand_host(item))
+            item = ""
+            continue
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"malformed SLURM host list {spec!r}")
+        item += ch
+    if depth:
+        raise ValueError(f"malformed SLURM host list {spec!r}")
+    return hosts
 
 
-def _init_cpu_group() -> None:
-    """Create the gloo group for object collectives (collective: every rank calls it once, right
-    after ``init_process_group``). Under gloo the default group already is one."""
-    global _CPU_GROUP
-    if dist.get_backend() == "gloo":
-        _CPU_GROUP = dist.GroupMember.WORLD
-    else:
-        _CPU_GROUP = dist.new_group(backend="gloo")
+def _expand_host(item: str) -> list[str]:
+    if "[" not in item:
+        if "]" in item:
+            raise ValueError(f"malformed SLURM host name {item!r}")
+        return [item]
+    prefix, rest = item.split("[", 1)
+    ranges, _, suffix = rest.partition("]")
+    tails = _expand_host(suffix) if suffix else [""]
+    out = []
+    for part in ranges.split(","):
+        lo, dash, hi = part.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or (dash and int(hi) < int(lo)):
+            raise ValueError(f"malformed range {part!r} in SLURM host list item {item!r}")
+        for n in range(int(lo), int(hi if dash else lo) + 1):
+            out.extend(prefix + str(n).zfill(len(lo)) + t for t in tails)
+    return out
 
 
-def has_cpu_group() -> bool:
-    return _CPU_GROUP is not None
+def first_host(spec: str) -> str:
+    """The first host of a SLURM host list (``scontrol show hostnames`` when our parser cannot read it)."""
+    try:
+        hosts = expand_hostlist(spec)
+    except ValueError:
+        import subprocess
+
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", spec], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+        if not out:
+            raise UserInputError(f"cannot read the SLURM host list {spec!r} (nor can `scontrol show "
+                                 "hostnames`): export MASTER_ADDR=<host of rank 0>") from None
+        return out[0]
+    if not hosts:
+        raise UserInputError(f"the SLURM host list {spec!r} is empty: export MASTER_ADDR=<host of rank 0>")
+    return hosts[0]
 
 
-def cpu_group():
-    """The gloo group over all ranks for object collectives (megatron keeps gloo groups beside its
-    NCCL ones for the same reason); see longcat_megatron/collectives.py."""
-    if _CPU_GROUP is None:
-        raise RuntimeError("runtime.cpu_group(): torch.distributed was not initialised through "
-                           "longcat_megatron.runtime.init_distributed, which creates the gloo group")
-    return _CPU_GROUP
+def rendezvous_address(env=None) -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) for ``init_process_group``: the exported values; when ``srun``
+    started the ranks directly, the first host of the step's (else the job's) node list, where task 0
+    runs, and port 20000 + job id % 20000 (the batch launcher's rule); else 127.0.0.1:29500."""
+    env = os.environ if env is None else env
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    if started_by_srun(env):
+        if not addr:
+            nodes = next((env[n] for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                          if env.get(n)), "")
+            addr = first_host(nodes) if nodes else ""
+        if not port and env.get("SLURM_JOB_ID", "").isdigit():
+            port = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    return addr or "127.0.0.1", port or "29500"
+
+
+# --- backend and device -----------------------------------------------------------------------------
+class BackendError(UserInputError):
+    """The requested (or evidently expected) CUDA/NCCL set-up is not usable in this process."""
+
+
+_HIDDEN = ("", "-1", "none", "NoDevFiles")  # CUDA_VISIBLE_DEVICES values that show no device
+
+
+def gpu_evidence(env=None) -> list[str]:
+    """What says this process is meant to train on GPUs (empty: nothing does)."""
+    import glob
+    import shutil
+
+    env = os.environ if env is None else env
+    found = []
+    count = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if count and count != "0":
+        found.append(f"SLURM allocated GPUs: SLURM_GPUS_ON_NODE={count}")
+    for name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        if env.get(name, "").strip():
+            found.append(f"SLURM allocated GPUs: {name}={env[name].strip()}")
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() not in _HIDDEN:
+        found.append(f"CUDA_VISIBLE_DEVICES={visible.strip()}")
+    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if smi:
+        found.append(f"nvidia-smi is installed: {smi}")
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if devices:
+        found.append(f"NVIDIA device files exist: {devices[0]}{' ...' if len(devices) > 1 else ''}")
+    return found
+
+
+def _cuda_init_error() -> str:
+    """torch's own reason why CUDA does not initialise ('' when it does)."""
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - any failure is the reason we report
+        return " ".join(str(e).split())
+    return ""
+
+
+def cuda_unusable_reason(env=None) -> tuple[str, str]:
+    """(cause, fix) for ``torch.cuda.is_available()`` being False."""
+    env = os.environ if env is None else env
+    version = torch.__version__.split("+")[0]
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)",
+                f"install the CUDA build of torch {version} into this environment (README, "
+                f"'Dependencies'; e.g. pip install torch=={version} --index-url "
+                "https://download.pytorch.org/whl/cu128: the cuXYZ index of a CUDA version the node's "
+                "driver supports)")
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in _HIDDEN:
+        return (f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process",
+                "do not clear CUDA_VISIBLE_DEVICES (ask SLURM for GPUs: --gpus-per-node / "
+                "--gpus-per-task)")
+    detail = _cuda_init_error()
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+    return (f"torch {torch.__version__} is built for {built}, but no GPU is usable"
+            f"{': ' + detail if detail else ''}",
+            f"check the GPU driver on this node (`nvidia-smi` must list the GPUs; the driver must "
+            f"support {built}) and that the job was given GPUs")
+
+
+def _cpu_hint() -> str:
+    return ("To train on the CPU on purpose, run the launcher with LONGCAT_CPU=1 (or set "
+            "parallel.backend=gloo).")
+
+
+def choose_backend(backend: str = "auto") -> str:
+    """'nccl' or 'gloo' for ``parallel.backend``. ``auto`` is NCCL when CUDA is usable, gloo when the
+    run asked for CPU (LONGCAT_FORCE_CPU=1, which LONGCAT_CPU=1 sets) or nothing suggests GPUs; when
+    GPUs were evidently expected (SLURM allocated some, CUDA_VISIBLE_DEVICES names some, an NVIDIA
+    driver is installed) but CUDA is not usable, it is a :class:`BackendError` naming the cause and
+    the fix instead of hours of training on the CPU."""
+    if backend == "gloo":
+        return "gloo"
+    force_cpu = os.environ.get("LONGCAT_FORCE_CPU") == "1"
+    if backend == "nccl":
+        if force_cpu:
+            raise BackendError("parallel.backend=nccl, but LONGCAT_FORCE_CPU=1 (LONGCAT_CPU=1) asks for "
+                               "the CPU: drop one of the two (CPU runs use parallel.backend=gloo)")
+        if not torch.cuda.is_available():
+            cause, fix = cuda_unusable_reason()
+            raise BackendError(f"parallel.backend=nccl needs a usable CUDA GPU, and this process has "
+                               f"none. Cause: {cause}. Fix: {fix}. {_cpu_hint()}")
+        return "nccl"
+    if backend != "auto":
+        raise BackendError(f"parallel.backend={backend!r}: use auto, gloo or nccl")
+    if use_cuda():
+        return "nccl"
+    if force_cpu:
+        return "gloo"
+    evidence = gpu_evidence()
+    if evidence:
+        cause, fix = cuda_unusable_reason()
+        raise BackendError(f"no usable CUDA GPU, but this process is evidently meant to train on GPUs "
+                           f"({'; '.join(evidence)}): parallel.backend=auto would fall back to gloo "
+                           f"on the CPU. Cause: {cause}. Fix: {fix}. {_cpu_hint()}")
+    return "gloo"
+
+
+def choose_cuda_device(local_rank: int, env=None) -> int:
+    """The CUDA device index for this process: 0 when it sees exactly one GPU (srun's per-task binding,
+    ``--gpus-per-task=1`` / ``--gpu-bind=single:1``, gives every task its own, as device 0), else its
+    local rank, which must be below the number of visible GPUs."""
+    env = os.environ if env is None else env
+    count = torch.cuda.device_count()
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{count} GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+    local_world = env.get("LOCAL_WORLD_SIZE", "")
+    if count == 1 and local_world.isdigit() and int(local_world) > 1:
+        raise BackendError(f"{local_world} processes on this node (LOCAL_WORLD_SIZE) share the one GPU "
+                           f"this process sees ({seen}): start one process per GPU "
+                           "(torchrun --nproc-per-node = visible GPUs)")
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        names = "SLURM_LOCALID" if started_by_srun(env) else "LOCAL_RANK"
+        raise BackendError(f"local rank {local_rank} ({names}) has no GPU of its own: this process sees "
+                           f"{seen}. Start at most one task per visible GPU on each node, or bind one GPU "
+                           "to each task (srun --gpus-per-task=1 or --gpu-bind=single:1)")
+    return local_rank
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
-    """Initialise torch.distributed (idempotent). Returns (rank, world_size)."""
+    """Initialise torch.distributed (idempotent). Returns (rank, world_size).
+
+    Creates only the default process group; megatron-core's groups (and their gloo twins) come from
+    :func:`init_parallel_state`. No world-wide gloo group is created (at 1,000+ ranks its TCP mesh of
+    world - 1 sockets per rank slowed every start and ran into open-file limits)."""
     if dist.is_initialized():
-        if not has_cpu_group():
-            _init_cpu_group()
         return dist.get_rank(), dist.get_world_size()
     rank, world, local = launcher_env()
-    if backend == "auto":
-        backend = "nccl" if use_cuda() else "gloo"
+    backend = choose_backend(backend)
     if backend == "nccl":
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(choose_cuda_device(local))
     else:
         cpu_compat.apply()
     mcore_fixes.apply()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    addr, port = rendezvous_address()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
     dist.init_process_group(
         backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
     )
-    _init_cpu_group()  # gloo group for object collectives, beside the NCCL groups
     return rank, world
 
 
@@ -250,8 +434,6 @@ def shutdown() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
-        global _CPU_GROUP
-        _CPU_GROUP = None
         dist.destroy_process_group()
 
 

@@ -5,8 +5,8 @@ CPU has no second device, so the NCCL constraint is faked: ``dist.get_backend`` 
 tensor it receives (then stops the caller). Each control-plane call site must hand it a tensor on
 the "accelerator"; the stop flag used to be a CPU tensor (NCCL: "No backend type associated with
 device type cpu" at the end of iteration 1). The training-run audit (which call sites may talk to
-torch.distributed directly, object collectives on the gloo group) rides on the bf16 run of
-tests/test_bf16_router.py.
+torch.distributed directly, object collectives only on an explicit gloo group) rides on the bf16 run
+of tests/test_bf16_router.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_control_plane_tensors_reach_the_accelerator_under_fake_nccl(monkeypatch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from longcat_megatron import collectives, runtime
+    from longcat_megatron import runtime
     from longcat_megatron.model.config import ModelConfig
     from longcat_megatron.model.factory import transformer_config
     from longcat_megatron.model.router import ZeroExpertRouter
@@ -64,15 +64,28 @@ def test_control_plane_tensors_reach_the_accelerator_under_fake_nccl(monkeypatch
             call()
     assert seen == dict.fromkeys(calls, "meta"), seen
 
-    # Object collectives go to the gloo group.
-    groups = []
-    monkeypatch.setattr(runtime, "_CPU_GROUP", "gloo-group")
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
-    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: groups.append(group))
-    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src=0, group=None: groups.append(group))
-    collectives.all_gather_object({"a": 1})
-    collectives.broadcast_object({"a": 1})
-    assert groups == ["gloo-group", "gloo-group"]
+
+def test_init_distributed_creates_no_group_of_its_own(monkeypatch):
+    """A GPU start created a gloo group over the whole world beside NCCL's (for object collectives
+    only tests used): world - 1 TCP connections per rank at every start. Only the default group now."""
+    import torch.distributed as dist
+
+    from longcat_megatron import runtime
+
+    created = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: created.append(("default", kw["backend"])))
+    monkeypatch.setattr(dist, "new_group", lambda *a, **kw: created.append(("new_group", kw.get("backend"))))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: created.append(("device", index)))
+    monkeypatch.delenv("LONGCAT_FORCE_CPU", raising=False)
+    for name, value in dict(RANK="3", WORLD_SIZE="64", LOCAL_RANK="0", MASTER_ADDR="10.0.0.1",
+                            MASTER_PORT="29501").items():
+        monkeypatch.setenv(name, value)
+    assert runtime.init_distributed("nccl") == (3, 64)
+    assert created == [("device", 0), ("default", "nccl")], created
 
 
 # ---- audit of a real training run (installed by tests/test_bf16_router.py's 2-process run) -----
@@ -89,10 +102,8 @@ OBJECT_OPS = ("all_gather_object", "broadcast_object_list", "gather_object", "sc
 
 def install_collective_audit() -> list:
     """Wrap torch.distributed's collectives; returns the list that collects
-    ``(op, project caller or None, devices, group is the gloo group)`` per call."""
+    ``(op, project caller or None, devices, on an explicit gloo group)`` per call."""
     import torch.distributed as dist
-
-    from longcat_megatron import collectives
 
     records: list = []
 
@@ -104,8 +115,9 @@ def install_collective_audit() -> list:
             project = caller if not caller.startswith("..") and "site-packages" not in caller else None
             tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
             tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if torch.is_tensor(t)]
+            # An explicit gloo group (megatron's *_gloo groups): the default group is NCCL on GPUs.
             group = kwargs.get("group")
-            on_gloo = collectives.has_cpu_group() and group is collectives.cpu_group()
+            on_gloo = group is not None and dist.get_backend(group) == "gloo"
             records.append((op, project, sorted({str(t.device) for t in tensors}), on_gloo))
             return original(*args, **kwargs)
 
@@ -119,12 +131,12 @@ def install_collective_audit() -> list:
 
 def check_collective_audit(records: list, device: str) -> None:
     """Every tensor on the rank's device; project code talks to torch.distributed only through
-    the helper (or the allowed data-plane sites); project object collectives use the gloo group."""
+    the helper (or the allowed data-plane sites); project object collectives name a gloo group."""
     assert records, "the audit saw no collective at all"
     bad_device = [r for r in records if r[0] in TENSOR_OPS and set(r[2]) - {device}]
     assert not bad_device, bad_device
     direct = {r[1] for r in records if r[1] is not None and r[0] in TENSOR_OPS} - DIRECT_CALLERS
     assert not direct, f"project code calls torch.distributed collectives directly: {direct}"
     objects = [r for r in records if r[1] is not None and r[0] in OBJECT_OPS and not r[3]]
-    assert not objects, f"object collectives outside the gloo group: {objects}"
+    assert not objects, f"object collectives not on an explicit gloo group: {objects}"
     assert any(r[1] == "longcat_megatron/collectives.py" for r in records)

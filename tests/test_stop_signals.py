@@ -143,3 +143,92 @@ def _cmdline(pid: int) -> str:
             return f.read().replace("\0", " ")
     except OSError:
         return ""
+
+
+# ---- the wrapper itself is signalled (timeout, kill PID): it forwards once, waits, exits 75 -----
+def _start_wrapper(tmp_path, ckpt, nproc: int, iters: int, prefix: tuple = ()):
+    env = dict(os.environ, LONGCAT_CPU="1", OMP_NUM_THREADS="1", LONGCAT_SKIP_PREFLIGHT="1",
+               TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [*prefix, "bash", os.path.join(ROOT, "launch", "local.sh"), str(nproc), TINY,
+         f"train.train_iters={iters}", f"checkpoint.save={ckpt}"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
+def _wait_for(proc, lines, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in list(lines)):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-2000:]
+        time.sleep(0.2)
+
+
+def _run_tree(pid: int) -> list:
+    """The wrapper's descendants, ranks included (they run in sessions of their own)."""
+    tree = _children(pid)
+    assert any("torch.distributed.run" in _cmdline(p) for p in tree), tree
+    assert any("longcat_megatron.train" in _cmdline(p) for p in tree), tree
+    return tree
+
+
+def _finish(proc, reader, tree: list, timeout: float = 120) -> int:
+    try:
+        rc = proc.wait(timeout=timeout)
+        # What is still alive the moment the wrapper has returned: an orphan (killed for the next test).
+        left = [(p, _cmdline(p)) for p in tree if _alive(p)]
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for p, _ in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes of the run outlived the wrapper (rc {rc}): {left}"
+    return rc
+
+
+def test_timeout_bounded_local_run_saves_exits_75_and_resumes(tmp_path):
+    """`timeout --preserve-status -s TERM N bash launch/local.sh 2 ...`: at expiry timeout sends
+    SIGTERM to the wrapper and to its process group (SIGALRM to timeout is exactly its expiry). The
+    wrapper used to die at once (exit 143) while torchrun and the ranks went on saving without it."""
+    ckpt = tmp_path / "ckpt"
+    proc, lines, reader = _start_wrapper(tmp_path, ckpt, 2, 100000,
+                                         prefix=("timeout", "--preserve-status", "-s", "TERM", "900"))
+    _wait_for(proc, lines, "iter      2/")
+    tree = _run_tree(proc.pid)
+    os.kill(proc.pid, signal.SIGALRM)  # the time limit expires now
+    rc = _finish(proc, reader, tree)
+    out = "".join(lines)
+    assert rc == 75, out[-3000:]
+    assert "[stop] SIGTERM" in out, out[-3000:]
+    committed = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert committed >= 2
+    # Run again: it resumes from the committed checkpoint and finishes.
+    proc, lines, reader = _start_wrapper(tmp_path, ckpt, 2, committed + 1)
+    rc = _finish(proc, reader, [], timeout=180)
+    out = "".join(lines)
+    assert rc == 0, out[-3000:]
+    assert f"at iteration {committed}" in out and "resumed from" in out, out[-3000:]
+    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == committed + 1
+
+
+def test_signals_to_the_wrapper_pid_are_forwarded_once(tmp_path):
+    """`kill -HUP PID` (a closed terminal) then `kill -TERM PID` of the wrapper alone: the ranks get one
+    SIGTERM through torchrun (SIGHUP would kill them unsaved), the second signal is only reported,
+    and nothing outlives the wrapper, which exits 75."""
+    ckpt = tmp_path / "ckpt"
+    proc, lines, reader = _start_wrapper(tmp_path, ckpt, 1, 100000)
+    _wait_for(proc, lines, "iter      2/")
+    tree = _run_tree(proc.pid)
+    os.kill(proc.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    rc = _finish(proc, reader, tree)
+    out = "".join(lines)
+    assert rc == 75, out[-3000:]
+    assert "[stop] SIGTERM" in out, out[-3000:]
+    assert "already stopping" in out, out[-3000:]
+    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) >= 2
