@@ -95,19 +95,38 @@ def _optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _keeps_step_per_param(inner) -> bool:
+    """torch's Adam/AdamW keep ``step`` in each parameter's state; TE's and apex's FusedAdam (what
+    megatron uses when either is installed) keep it in the param group."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _ensure_optimizer_state(optimizer) -> None:
-    """torch Adam has no state before its first step, but megatron's load template needs it."""
+    """Give every parameter the optimizer state its inner optimizer really has, before megatron builds
+    a save/load template from it: an optimizer has no state before its first step.
+
+    The moments come from megatron's own ``init_state_fn`` (``exp_avg`` / ``exp_avg_sq``, or TE's
+    ``initialize_state`` for the precision-aware optimizer); only torch Adam also gets a per-param
+    ``step`` (its ``DistributedOptimizer.state_dict`` reads it there; FusedAdam's ``step`` is in the
+    param group, and megatron's restore copies every key of a state from the checkpoint, which holds
+    no ``step``: a torch-Adam ``step`` in a FusedAdam state was ``KeyError: 'step'`` on resume)."""
     for sub in _optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
         if inner is None:
             continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                state = inner.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+        empty = [p for g in inner.param_groups for p in g["params"] if not inner.state[p]]
+        if not empty:
+            continue
+        init_state_fn = getattr(sub, "init_state_fn", None)
+        if init_state_fn is not None:
+            init_state_fn(inner, getattr(sub, "config", None))
+        else:  # megatron built no init function (not Adam): the moments Adam would create
+            for p in empty:
+                inner.state[p]["exp_avg"] = torch.zeros_like(p)
+                inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        if _keeps_step_per_param(inner):
+            for p in empty:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
 
 
 def _unshare_step(optimizer) -> None:
