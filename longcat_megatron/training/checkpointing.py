@@ -242,12 +242,13 @@ def _layout(sub) -> list:
     its owner (a holder; pieces of one rank stay there, shared parameters go to the holder with the
     least state so far, then the biggest piece, then the lowest rank)."""
     group = sub.data_parallel_group_gloo
-    dp_size = group.size()
+    dp_size, me = group.size(), group.rank()
     load = [0] * dp_size
     out, param_idx = [], 0
     for gbuf_idx, gbuf_range_maps in enumerate(sub.gbuf_ranges):
         buffer = sub.buffers[gbuf_idx]
-        for _ in gbuf_range_maps:  # one dtype per buffer (megatron asserts it)
+        for range_maps in gbuf_range_maps.values():  # one dtype per buffer (megatron asserts it)
+            local = {p: r["param"] for m in range_maps for p, r in m["param_map"].items()}
             for param, (start, end, bucket_id) in buffer.param_index_map.items():
                 bucket = buffer.buckets[bucket_id]
                 shard = bucket.grad_data.numel() // dp_size
@@ -255,6 +256,11 @@ def _layout(sub) -> list:
                 for r in range((start - bucket.offset) // shard, (end - 1 - bucket.offset) // shard + 1):
                     lo, hi = bucket.offset + r * shard, bucket.offset + (r + 1) * shard
                     pieces[r] = (max(start, lo) - start, min(end, hi) - start)
+                mine = local.get(param)
+                mine = None if mine is None else (mine.start, mine.end)
+                if mine != pieces.get(me):
+                    raise RuntimeError(f"checkpoint: the optimizer's shard of a parameter ({mine}) is not "
+                                       f"where its buckets put it ({pieces.get(me)})")
                 owner = min(pieces, key=lambda r: (load[r], -(pieces[r][1] - pieces[r][0]), r))
                 load[owner] += end - start
                 out.append(_Piece(param_idx, gbuf_idx, param, end - start, pieces, owner))
