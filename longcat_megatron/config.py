@@ -145,6 +145,17 @@ class CheckpointConfig:
     # On a damaged checkpoint, resume from the previous complete one (the damaged directory is
     # renamed *.corrupt-*, not deleted) instead of stopping with exit 2.
     fallback_on_corruption: bool = False
+    # How the fully_reshardable optimizer state is brought together at a save and read at a load
+    # (docs/operations.md, "Checkpoints at scale"): per_param = each parameter's state assembled on
+    # one data-parallel rank that holds a piece of it, and read in phases by the ranks holding its
+    # pieces (host RAM per rank ~ its 1/DP share); all_ranks = megatron's default (every rank holds
+    # the whole state of its model-parallel shard, at every save and load); dp_rank_0 = megatron's
+    # mem_efficient variant (gathered over gloo on data-parallel rank 0, which writes all of it;
+    # loads as all_ranks). The files are interchangeable: each reads what any of them wrote.
+    optimizer_gather: str = "per_param"
+    # Host RAM per node (GB) that checkpoint saves and loads may use: --dry-run refuses a plan whose
+    # worst node needs more (--force: a warning). null: printed, not checked.
+    host_memory_gb: Optional[float] = None
 
 
 @dataclass

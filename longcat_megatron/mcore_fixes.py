@@ -79,15 +79,21 @@ def fix_torch_norm_sequence_parallel() -> None:
 
 
 def fix_optimizer_state_restore() -> None:
-    """Loading a distributed-optimizer checkpoint with torch Adam (no apex/TE fused Adam) copies
-    every key of the param's state, ``step`` included: ``KeyError: 'step'`` for fully-reshardable
-    checkpoints, and a silent reset of ``step`` (Adam's bias correction) for dp-reshardable ones; it
-    also copies into fp32 main params that are views of leaf params without ``no_grad``. ``step`` is
-    restored from the param groups by ``load_state_dict``, so skip it and copy under no_grad."""
+    """megatron's distributed-optimizer restore (``_set_main_param_and_optimizer_states``) copies
+    every key of the parameter's current optimizer state from the loaded tensors, ``step`` included,
+    and without ``no_grad``. The checkpoint never holds a per-param ``step`` (megatron keeps it in
+    the param groups), so any ``step`` in the state is ``KeyError: 'step'`` (fully-reshardable) or a
+    silent reset of Adam's bias correction (dp-reshardable, which saves it); and the copy into fp32
+    main params that are views of leaf params needs ``no_grad``. Restore the state's own keys but
+    ``step`` (``load_state_dict`` restores it from the param groups, for torch Adam and FusedAdam
+    alike) under no_grad; a key the checkpoint lacks is an error naming it.
+
+    Not tied to the layer spec or to which Adam is installed: applied always (``ALWAYS``), also with
+    TransformerEngine or apex, whose FusedAdam states hold no ``step`` but whose restore is the same
+    code. Tested with torch Adam (tests/test_resume.py) and a simulated FusedAdam
+    (tests/test_fused_adam_resume.py)."""
     from megatron.core.optimizer import distrib_optimizer as dopt
 
-    if getattr(dopt, "HAVE_APEX_OR_TE", False):
-        return
     orig = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
     if getattr(orig, "_longcat", False):
         return
@@ -98,10 +104,14 @@ def fix_optimizer_state_restore() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         dst = {"param": main_param, **self.optimizer.state[main_param]}
+        missing = sorted(k for k in dst if k != "step" and k not in tensors)
+        if missing:
+            raise KeyError(f"the checkpoint's optimizer state of a parameter lacks {missing} "
+                           f"(it holds {sorted(tensors)})")
         with torch.no_grad():
-            for key, value in tensors.items():
-                if key != "step" and key in dst:
-                    dst[key].copy_(value)
+            for key, value in dst.items():
+                if key != "step":
+                    value.copy_(tensors[key])
 
     set_states._longcat = True
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
@@ -217,14 +227,13 @@ def fix_fully_reshardable_bucket_padding() -> None:
 
 # Applied with and without TransformerEngine (megatron bugs not tied to the local spec).
 ALWAYS = (fix_mixed_dtype_param_order, fix_mixed_dtype_float16_optimizer_state,
-          fix_fully_reshardable_bucket_padding)
+          fix_fully_reshardable_bucket_padding, fix_optimizer_state_restore)
 
 FIXES = (
     fix_router_gemm_name,
     fix_mla_have_te,
     fix_local_attention_kwargs,
     fix_torch_norm_sequence_parallel,
-    fix_optimizer_state_restore,
 )
 
 

@@ -3,7 +3,11 @@
 Checks the parallel sizes against the world size, the data paths, and prints the layout, batch
 arithmetic, parameter counts and the per-rank memory plan (``memory_plan.py``: weights, gradients,
 Adam state per sharding group, activations by part for the attention backend and recompute
-setting). A plan over ``--gpu-memory-gb`` is refused (exit 2, with the breakdown) unless ``--force``.
+setting). A plan over what a ``--gpu-memory-gb`` GPU leaves usable (its reported capacity minus
+CUDA context, NCCL buffers and a fragmentation margin: ``memory_plan.usable_gpu_gib``) is refused
+(exit 2, with the breakdown) unless ``--force``. The host RAM that checkpoint saves and loads need
+per rank and on the worst node (``memory_plan.host_plan``) is printed, and checked against
+``checkpoint.host_memory_gb`` when that is set.
 """
 
 from __future__ import annotations
@@ -89,16 +93,30 @@ class MemoryBudgetError(UserInputError):
     """The memory plan does not fit ``--gpu-memory-gb``."""
 
 
+def usable_line(gpu_memory_gb: float, layout: Layout) -> str:
+    from longcat_megatron.memory_plan import usable_gpu_gib
+
+    usable, parts = usable_gpu_gib(gpu_memory_gb, layout)
+    return (f"{usable:.1f} GiB usable per {gpu_memory_gb:g} GB GPU ({parts['reported']:.2f} GiB "
+            f"reported - {parts['CUDA context + NCCL']:.1f} CUDA context + NCCL - "
+            f"{parts['fragmentation margin']:.1f} fragmentation margin)")
+
+
 def check_budget(cfg: RunConfig, layout: Layout, mem: dict, gpu_memory_gb: float, force: bool) -> str:
-    """'' when the plan fits; otherwise raise MemoryBudgetError with the breakdown, or (``force``)
-    return a warning line."""
+    """'' when the plan fits what a ``gpu_memory_gb`` GPU leaves usable (``memory_plan.usable_gpu_gib``:
+    reported capacity minus CUDA context, NCCL buffers and a fragmentation margin); otherwise raise
+    MemoryBudgetError with the breakdown, or (``force``) return a warning line."""
+    from longcat_megatron.memory_plan import usable_gpu_gib
+
     total = sum(mem.values())
-    if total <= gpu_memory_gb:
+    usable, _ = usable_gpu_gib(gpu_memory_gb, layout)
+    if total <= usable:
         return ""
     top = sorted(mem.items(), key=lambda kv: -kv[1])
     message = (
-        f"the memory plan needs {total:.1f} GiB per rank but --gpu-memory-gb is {gpu_memory_gb:g} "
-        f"({layout.describe()}): " + ", ".join(f"{k} {v:.1f}" for k, v in top)
+        f"the memory plan needs {total:.1f} GiB per rank but --gpu-memory-gb is {gpu_memory_gb:g}, "
+        f"{usable_line(gpu_memory_gb, layout)} ({layout.describe()}): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in top)
         + ". Shrink it with more tensor/pipeline/expert parallelism, a smaller train.micro_batch_size, "
         "train.recompute=selective|full, model.attention_backend=sdpa, or "
         "model.ngram.partition=tensor_data; --force plans anyway"
@@ -106,6 +124,58 @@ def check_budget(cfg: RunConfig, layout: Layout, mem: dict, gpu_memory_gb: float
     if not force:
         raise MemoryBudgetError(message)
     return "  WARNING (--force): " + message
+
+
+class HostMemoryError(UserInputError):
+    """The checkpoint host-RAM plan's worst node needs more than ``checkpoint.host_memory_gb``."""
+
+
+def ranks_per_node(world: int) -> int:
+    """Ranks per node of the planned job: the launcher's NPROC_PER_NODE (or LOCAL_WORLD_SIZE), else 8
+    (the clusters' GPUs per node), at most the world."""
+    import os
+
+    value = os.environ.get("NPROC_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE") or "8"
+    return max(1, min(world, int(value) if value.isdigit() else 8))
+
+
+def host_lines(cfg: RunConfig, layout: Layout, counts: ParamCounts, world: int, force: bool) -> list:
+    """The checkpoint host-RAM plan (``memory_plan.host_plan``) as printed lines; raises
+    HostMemoryError when ``checkpoint.host_memory_gb`` is set and the worst node needs more (a
+    warning line with ``force``)."""
+    from longcat_megatron.memory_plan import GIB, host_plan
+    from longcat_megatron.training.checkpointing import LOAD_PHASE_BYTES, OPTIMIZER_GATHERS
+
+    c = cfg.checkpoint
+    if c.optimizer_gather not in OPTIMIZER_GATHERS:
+        from longcat_megatron.config import ConfigError
+
+        raise ConfigError(f"checkpoint.optimizer_gather={c.optimizer_gather!r}: use one of "
+                          f"{list(OPTIMIZER_GATHERS)}")
+    per_node = ranks_per_node(world)
+    plans = {g: host_plan(cfg, layout, counts, ranks_per_node=per_node, gather=g,
+                          phase_bytes=LOAD_PHASE_BYTES) for g in OPTIMIZER_GATHERS}
+    hp = plans[c.optimizer_gather]
+    fmt = "optimizer_gather=" + (c.optimizer_gather if c.fully_reshardable else "- (dp_reshardable)")
+    stage = {"only": "", "first": ", first pipeline stage", "last": ", last pipeline stage"}[hp.stage]
+    lines = [f"  host RAM for checkpoints (GiB, estimate; {fmt}, {per_node} ranks per node{stage}): "
+             f"save {hp.save_rank / GIB:.1f} per rank, {hp.save_node / GIB:.0f} on the worst node"
+             f"{' (held until the background write ends)' if c.async_save else ''}; "
+             f"load {hp.load_rank / GIB:.1f} per rank, {hp.load_node / GIB:.0f} per node"
+             + (f"; {hp.node_note}" if hp.node_note else "")]
+    if c.fully_reshardable:
+        lines.append("    worst node by optimizer_gather (save / load): " + ", ".join(
+            f"{g} {p.save_node / GIB:.0f} / {p.load_node / GIB:.0f}" for g, p in plans.items()))
+    need = max(hp.save_node, hp.load_node) / GIB
+    if c.host_memory_gb is not None and need > c.host_memory_gb:
+        message = (f"checkpoint saves and loads need {need:.0f} GiB of host RAM on the worst node but "
+                   f"checkpoint.host_memory_gb is {c.host_memory_gb:g} ({fmt}): use "
+                   "checkpoint.optimizer_gather=per_param, checkpoint.fully_parallel_save=true, or "
+                   "fewer ranks per node; --force plans anyway")
+        if not force:
+            raise HostMemoryError(message)
+        lines.append("  WARNING (--force): " + message)
+    return lines
 
 
 def _count(n: float) -> str:
@@ -141,9 +211,13 @@ def print_plan(cfg: RunConfig, world: int, gpu_memory_gb: float = 80.0, force: b
     warning = "" if p.backend == "gloo" else check_budget(cfg, layout, mem, gpu_memory_gb, force)
     if warning:
         print(warning)
+    elif p.backend != "gloo":
+        print(f"    GPU: {usable_line(gpu_memory_gb, layout)}")
+    for line in host_lines(cfg, layout, counts, world, force):
+        print(line)
     print(f"  data: {'synthetic' if d.mock else d.paths} (seq {d.seq_length}); "
           f"checkpoints: {cfg.checkpoint.save or '-'}")
-    print("  config OK" + (f" (plan fits {gpu_memory_gb:g} GiB per GPU)" if p.backend != "gloo" and not warning else ""))
+    print("  config OK" + (f" (plan fits {gpu_memory_gb:g} GB GPUs)" if p.backend != "gloo" and not warning else ""))
     return layout
 
 

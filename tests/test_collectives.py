@@ -94,7 +94,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the N-gram lookup's all-to-all on activations (model tensors), the CPU adaptations (CPU only).
 DIRECT_CALLERS = {"longcat_megatron/collectives.py", "longcat_megatron/model/ngram_embedding.py",
                   "longcat_megatron/model/async_all_to_all.py",  # data plane: routed tokens
-                  "longcat_megatron/cpu_compat.py"}
+                  "longcat_megatron/cpu_compat.py",
+                  # data plane: optimizer-state pieces between data-parallel ranks at a checkpoint
+                  # save, over megatron's gloo data-parallel group (CPU tensors, as megatron's own)
+                  "longcat_megatron/training/checkpointing.py"}
 TENSOR_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
               "all_to_all_single", "broadcast", "reduce", "send", "recv", "isend", "irecv")
 OBJECT_OPS = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")

@@ -179,12 +179,121 @@ def test_over_budget_plan_exits_2_with_breakdown_and_force_goes_on(capsys):
     cfg = _lite()
     cfg.train.micro_batch_size, cfg.train.global_batch_size = 4, 4096  # 4x the activations
     with pytest.raises(MemoryBudgetError,
-                       match=r"needs [0-9.]+ GiB per rank but --gpu-memory-gb is 80 .*activations [0-9.]+, "):
+                       match=r"needs [0-9.]+ GiB per rank but --gpu-memory-gb is 80, [0-9.]+ GiB usable "
+                             r"per 80 GB GPU .*activations [0-9.]+, "):
         print_plan(cfg, 256)
     print_plan(cfg, 256, force=True)
     out = capsys.readouterr().out
     assert "WARNING (--force)" in out and "config OK" in out
     print_plan(_lite(), 256)  # the shipped layout fits
-    assert "plan fits 80 GiB" in capsys.readouterr().out
+    assert "plan fits 80 GB GPUs" in capsys.readouterr().out
     with pytest.raises(MemoryBudgetError, match="--gpu-memory-gb is 20"):
         print_plan(_lite(), 256, gpu_memory_gb=20)
+
+
+# ------------------------------------------------------------------ usable GPU memory, host RAM
+def _recipe(model: str, stage: str, overrides=()):
+    """The config a stage script launches (model config + stage file + overrides)."""
+    from longcat_megatron.config import load_config
+    from longcat_megatron.recipe import stage_overrides
+
+    name = {"lite": "longcat_flash_lite", "flash": "longcat_flash"}[model]
+    stage_file = os.path.join(ROOT, "configs", "stages", f"{model}_{stage}.yaml")
+    return load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
+                       stage_overrides(stage_file) + ["data.mock=true", *overrides])
+
+
+def _layout(cfg, world):
+    from longcat_megatron.runtime import resolve_layout
+
+    p = cfg.parallel
+    return resolve_layout(world, p.tensor, p.pipeline, p.context, p.expert, p.virtual_pipeline,
+                          cfg.model.num_experts, p.expert_tensor)
+
+
+def test_usable_gpu_memory_is_reported_capacity_minus_context_nccl_and_fragmentation():
+    from longcat_megatron import memory_plan as mp
+
+    flash = _layout(_recipe("flash", "pretrain"), 1024)  # TP8 PP4 EP32: TP, DPxCP, EP, EDP, world, 2 PP
+    assert mp.nccl_communicators(flash) == 7
+    assert mp.nccl_communicators(_layout(_recipe("lite", "pretrain"), 512)) == 5  # no PP
+    usable, parts = mp.usable_gpu_gib(80, flash)
+    assert parts["reported"] == pytest.approx(81559 / 1024)  # an H100 80GB reports 81,559 MiB
+    assert parts["CUDA context + NCCL"] == pytest.approx(1.0 + 7 * 0.5)
+    assert usable == pytest.approx((81559 / 1024 - 4.5) * 0.9)
+    assert mp.usable_gpu_gib(141, flash)[1]["reported"] == pytest.approx(143771 / 1024, rel=2e-4)  # H200
+
+
+def test_flash_pretraining_fits_80gb_only_with_its_selective_recompute():
+    from longcat_megatron.memory_plan import GIB, memory_plan, usable_gpu_gib
+    from longcat_megatron.planning import count_parameters
+
+    shipped = _recipe("flash", "pretrain")
+    assert shipped.train.recompute == "selective"
+    layout = _layout(shipped, 1024)
+    usable, _ = usable_gpu_gib(80, layout)
+    num_micro = shipped.train.global_batch_size // (shipped.train.micro_batch_size * layout.data)
+    need = memory_plan(shipped, layout, count_parameters(shipped), num_micro=num_micro).total / GIB
+    bare = _recipe("flash", "pretrain", ["train.recompute=none"])
+    need_bare = memory_plan(bare, layout, count_parameters(bare), num_micro=num_micro).total / GIB
+    assert need < usable < need_bare < 80, (need, usable, need_bare)
+
+
+def test_dp_rank_0_ranks_per_node_follow_megatrons_groups():
+    """The analytic count of data-parallel-rank-0 ranks on the first node of a pipeline stage (where
+    megatron's mem_efficient gather puts the state) against megatron's own rank groups; no node
+    holds more of them than the first."""
+    from megatron.core.parallel_state import RankGenerator
+
+    from longcat_megatron.memory_plan import _dp0_ranks_on_first_node
+    from longcat_megatron.runtime import resolve_layout
+
+    for world, tp, pp, cp, ep, etp in [(512, 8, 1, 1, 64, 1), (512, 8, 1, 8, 64, 1),
+                                       (1024, 8, 4, 1, 32, 1), (1024, 8, 4, 4, 32, 1),
+                                       (256, 4, 2, 1, 2, 4), (64, 2, 1, 2, 4, 1)]:
+        layout = resolve_layout(world, tp, pp, cp, ep, None, 512, etp)
+        dense0 = {g[0] for g in RankGenerator(tp, 1, layout.data, pp, cp, "tp-cp-ep-dp-pp").get_ranks("dp-cp")}
+        expert0 = {g[0] for g in RankGenerator(etp, ep, layout.expert_data, pp, 1,
+                                               "tp-cp-ep-dp-pp").get_ranks("dp")}
+        nodes = [range(n, n + 8) for n in range(0, world, 8)]
+        counts = [(len(dense0 & set(r)), len(expert0 & set(r))) for r in nodes]
+        assert _dp0_ranks_on_first_node(layout, 8) == counts[0], (world, tp, pp, cp, ep, etp)
+        assert max(counts) == counts[0]
+        stage = world // pp
+        assert all(counts[s // 8] == counts[0] for s in range(0, world, stage))
+
+
+@pytest.mark.parametrize("model, world, stages", [
+    ("lite", 512, ["pretrain", "midtrain_32k", "midtrain_128k", "sft"]),
+    ("flash", 1024, ["pretrain", "midtrain_32k", "midtrain_128k", "sft"]),
+])
+def test_checkpoint_host_ram_per_param_is_a_fraction_of_megatrons(model, world, stages):
+    from longcat_megatron.memory_plan import GIB, host_plan
+    from longcat_megatron.planning import count_parameters
+
+    for stage in stages:
+        cfg = _recipe(model, stage)
+        assert cfg.checkpoint.optimizer_gather == "per_param" and cfg.checkpoint.fully_parallel_load
+        layout, counts = _layout(cfg, world), count_parameters(cfg)
+        plans = {g: host_plan(cfg, layout, counts, gather=g) for g in ("per_param", "all_ranks", "dp_rank_0")}
+        ours, default, mem_efficient = plans["per_param"], plans["all_ranks"], plans["dp_rank_0"]
+        # megatron's mem_efficient gather does not help the worst node: the first node of a stage
+        # holds DP-rank 0 of every group, and the writer copies its views once more
+        assert "8 of the node's 8 ranks are DP-rank 0 of a dense group" in mem_efficient.node_note
+        assert mem_efficient.save_node > default.save_node > 2.5 * ours.save_node
+        assert default.load_node > 2.5 * ours.load_node
+        assert ours.save_node < 128 * GIB and ours.load_node < 128 * GIB, (model, stage)
+
+
+def test_host_memory_budget_refuses_and_force_warns(capsys):
+    from longcat_megatron.planning import HostMemoryError, print_plan
+
+    cfg = _recipe("lite", "pretrain", ["checkpoint.host_memory_gb=40"])
+    with pytest.raises(HostMemoryError, match=r"need [0-9]+ GiB of host RAM on the worst node but "
+                                              r"checkpoint.host_memory_gb is 40"):
+        print_plan(cfg, 512)
+    print_plan(cfg, 512, force=True)
+    out = capsys.readouterr().out
+    assert "WARNING (--force)" in out and "host RAM for checkpoints" in out
+    print_plan(_recipe("lite", "pretrain", ["checkpoint.host_memory_gb=256"]), 512)
+    assert "WARNING" not in capsys.readouterr().out
