@@ -1,8 +1,11 @@
-"""Fixes for megatron-core 0.16.1 bugs hit by the local (non-TransformerEngine) layer spec.
+"""Fixes for megatron-core 0.16.1 bugs.
 
-These are not CPU-specific: they fail the same way on a GPU without TransformerEngine, which is how
-CPU runs and GPU runs without TE build the model. With TE installed, megatron-core's TE spec is used
-and none of these paths are reached. Each fix is tested in ``tests/test_cpu_compat.py``.
+``ALWAYS`` (applied with and without TransformerEngine): the distributed optimizer's bugs with an
+fp32 parameter in a bf16 model, its fully-reshardable save with more than one DDP bucket, and the
+optimizer-state restore that must not depend on which Adam (torch, TE or Apex FusedAdam) is present.
+``FIXES`` (applied only without TransformerEngine): bugs of the local (non-TE) layer spec, which CPU
+runs and GPU runs without TE use; with TE, megatron-core's TE spec never reaches those paths. Each
+fix names the test that covers it (most are in ``tests/test_cpu_compat.py``).
 """
 
 from __future__ import annotations
@@ -238,7 +241,7 @@ FIXES = (
 
 
 def apply() -> list[str]:
-    """Apply the no-TE fixes once; a no-op when TransformerEngine is present."""
+    """Apply the fixes once: ``ALWAYS``, then ``FIXES`` unless TransformerEngine is present."""
     if _APPLIED:
         return list(_APPLIED)
     for fn in ALWAYS:

@@ -13,6 +13,7 @@ from tests.harness import run_distributed
 from tests.train_utils import TINY, run_training
 
 BASE = ["parallel.tensor=1", "parallel.sequence_parallel=false", "train.train_iters=4",
+        "checkpoint.optimizer_gather=all_ranks",  # megatron's own gather, where the bug was
         "train.global_batch_size=8", "parallel.overlap_grad_reduce=true"]
 BUCKETS = BASE + ["parallel.ddp_bucket_size=2000"]
 

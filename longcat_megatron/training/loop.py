@@ -297,7 +297,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             load_rng=not c.no_load_rng and not fresh_schedule,
             load_scheduler=not fresh_schedule,
             verify=c.verify_on_load, fallback_on_corruption=c.fallback_on_corruption,
-            fully_parallel=c.fully_parallel_load,
+            fully_parallel=c.fully_parallel_load, optimizer_gather=c.optimizer_gather,
         )
         restore_group_schedule_values(optimizer, group_lrs)
         scheduler.step(increment=0)  # this run's LR/WD at the loaded (or fresh) step count
@@ -349,6 +349,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             save_dir, model, optimizer, scheduler, state, config_yaml_writer=write_config,
             fully_reshardable=c.fully_reshardable, async_save=c.async_save, async_queue=async_queue,
             keep_last=c.keep_last, keep_every=c.keep_every, fully_parallel=c.fully_parallel_save,
+            optimizer_gather=c.optimizer_gather,
         )
         boot.print(f"[checkpoint] {'scheduled' if c.async_save else 'saved'} iteration "
                    f"{state.iteration} -> {path}")
