@@ -175,11 +175,15 @@ def _fill_from_hf(model, source: HFSource) -> int:
 
     def shards(x):
         if isinstance(x, ShardedTensorFactory):
-            built = x.build()
-            for y in (built if isinstance(built, (list, tuple)) else nested_values(built)):
-                yield from shards(y)
+            yield from shards(x.build())
         elif isinstance(x, ShardedTensor):
             yield x
+        elif isinstance(x, (list, tuple)):   # a factory may build nested lists (grouped experts)
+            for y in x:
+                yield from shards(y)
+        elif isinstance(x, dict):
+            for y in nested_values(x):
+                yield from shards(y)
 
     filled = 0
     with torch.no_grad():
