@@ -31,9 +31,10 @@ What runs (per layout, in a fresh process, as Megatron-LM's ``--fake-process-gro
   shard group (the row ids a rank is asked for) are mapped into this rank's row range, as the
   owners' rows would be; (3) point-to-point receives (pipeline activations / gradients) are filled
   with N(0, 0.02) values instead of being left uninitialised.
-* Pipeline parallel: megatron's 1F1B schedule with ``min(PP, micro-batches)`` micro-batches (what the
-  plan assumes in flight on the first stage); the first stage then holds that many micro-batches'
-  activations at its peak, as with the recipe's full count. Other stages run the same schedule.
+* Pipeline parallel: megatron's 1F1B schedule with as many micro-batches as the rank's stage holds
+  in flight, ``min(PP - stage, micro-batches)`` (the first stage: min(PP, m), what the plan assumes;
+  the last stage: 1); the stage then holds that many micro-batches' activations at its peak, as
+  with the recipe's full count (more micro-batches only repeat the steady state).
 
 Memory (Linux): glibc mmaps every block over 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so the resident
 set follows the live tensors (tests/test_memory_plan.py's method). ``RSS0`` after the process groups;
@@ -115,9 +116,12 @@ def micro_batches(cfg, layout) -> int:
     return t.global_batch_size // (t.micro_batch_size * layout.data)
 
 
-def micro_batches_run(cfg, layout) -> int:
-    """Micro-batches the rehearsal runs: as many as the first stage holds in flight under 1F1B."""
-    return min(layout.pipeline, micro_batches(cfg, layout)) if layout.pipeline > 1 else 1
+def micro_batches_run(cfg, layout, pipeline_rank: int = 0) -> int:
+    """Micro-batches the rehearsal runs: as many as pipeline stage ``pipeline_rank`` holds in
+    flight under 1F1B, min(PP - stage, micro-batches) (the first stage: min(PP, m)); 1 without PP."""
+    if layout.pipeline == 1:
+        return 1
+    return min(layout.pipeline - pipeline_rank, micro_batches(cfg, layout))
 
 
 def plan_for(cfg, layout, first: bool, last: bool):
@@ -447,7 +451,7 @@ def rehearse(name: str, steps: int = 1) -> dict:
     t_build = time.perf_counter() - clock
     rss_state = rss()
 
-    n_micro = micro_batches_run(cfg, layout)
+    n_micro = micro_batches_run(cfg, layout, ranks["pp"])
     fwd_bwd = get_forward_backward_func()
     results = []
     for step in range(steps):
@@ -657,7 +661,7 @@ METHOD = ("One rank of the layout at full width, reduced depth (1 layer per pipe
           "shipped), in one process with torch's fake process group for the other ranks; bf16, "
           "megatron DDP + distributed optimizer, the recipe's recompute setting and micro-batch; "
           "forced-balanced routing (K_e FFN experts per token, round-robin); pipeline: 1F1B with "
-          "min(PP, micro-batches) micro-batches. Model state counted tensor by tensor (RSS in "
+          "the micro-batches in flight on the stage (min(PP - stage, m)). Model state counted tensor by tensor (RSS in "
           "brackets); activations = peak RSS of the step over the model-state RSS (glibc mmaps every "
           "block over 64 KiB). Plan = `memory_plan.stage_plan` of the same stage, layout and depth. "
           "bench/one_rank_rehearsal.py's docstring lists what is faked.")
