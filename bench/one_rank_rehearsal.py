@@ -2,7 +2,7 @@
 a fake process group standing in for the other ranks; peak memory of forward + backward + optimizer
 step against the memory plan (``longcat_megatron/memory_plan.py``) for the same layout and depth.
 
-    python bench/one_rank_rehearsal.py                       # lite-8k lite-32k flash-8k -> docs/benchmarks.md
+    python bench/one_rank_rehearsal.py         # lite-8k lite-32k flash-8k flash-8k-last -> docs/benchmarks.md
     python bench/one_rank_rehearsal.py --layouts lite-8k --no-write
     python bench/one_rank_rehearsal.py --smoke               # tiny sizes, every mechanism (CI)
 
@@ -43,7 +43,11 @@ model state = RSS after building the model, DDP, optimizer and one optimizer ste
 buffers, optimizer storages not shared with the model); activations = the peak resident set of the
 step (``/proc/self/clear_refs`` resets VmHWM) minus the model-state RSS, over forward + backward and
 over the optimizer step separately; held = RSS after the last forward before a backward minus the
-model-state RSS.
+model-state RSS. Activations "on GPU terms" subtract the bottom-right causal masks that the CPU SDPA
+kernel materialises and keeps for backward for the context-parallel chunks (``causal_lower_right``;
+counted as torch builds them, in the activation dtype): CUDA's flash / memory-efficient kernels take
+the causal flag and build none. Per part (embedding, each layer, MTP head, LM heads + losses) the
+RSS after each part's forward gives what it holds for backward.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ LAYOUTS = {
     "flash-8k-last": dict(config=FLASH, stage="configs/stages/flash_pretrain.yaml", world=1024,
                           rank=768),
 }
-DEFAULT_LAYOUTS = ("lite-8k", "lite-32k", "flash-8k")
+DEFAULT_LAYOUTS = ("lite-8k", "lite-32k", "flash-8k", "flash-8k-last")
 # Tiny sizes that exercise every mechanism (PP2 1F1B, CP2, TP2+SP, EP4, N-gram tables over the
 # expert group, MTP): the first and the last pipeline stage.
 SMOKE_OVERRIDES = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.context=2",
@@ -380,6 +384,29 @@ def group_parts(parts: list) -> dict:
     return out
 
 
+class CausalMaskTally:
+    """Counts the elements of the bottom-right causal masks torch materialises for SDPA on CPU
+    (the context-parallel chunks' ``causal_lower_right``: the CPU flash kernel takes a mask and
+    keeps it, in the activation dtype, for backward; CUDA's flash / memory-efficient kernels take
+    the causal flag and build none). Counted in forwards while ``on``."""
+
+    def __init__(self):
+        import torch
+        from torch.nn.attention import bias
+
+        self.on, self.elements = False, 0
+        original = bias.CausalBias._materialize
+        tally = self
+
+        def materialize(self, device=None):
+            mask = original(self, device)
+            if tally.on and torch.is_grad_enabled():
+                tally.elements += mask.numel()
+            return mask
+
+        bias.CausalBias._materialize = materialize
+
+
 def make_batches(cfg, n: int, seed: int = 0) -> list:
     """``n`` synthetic micro-batches in the data pipeline's format (full sequence; the training
     loop's ``forward_step`` takes this rank's CP chunks)."""
@@ -436,6 +463,8 @@ def rehearse(name: str, steps: int = 1) -> dict:
     optimizer = build_optimizer(cfg, model)
     register_ngram_shards(model)
     probe_parts = PartProbe(model)
+    masks = CausalMaskTally()
+    act_bytes = 2 if cfg.optimizer.bf16 else 4
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -471,13 +500,17 @@ def rehearse(name: str, steps: int = 1) -> dict:
         optimizer.zero_grad()
         batches = make_batches(cfg, n_micro, seed=step)
         probe_parts.on, probe_parts.events = step == 0, []
+        masks.on, masks.elements = True, 0
         reset_hwm()
         clock = time.perf_counter()
         fwd_bwd(forward_step_func=probe, data_iterator=iter(batches), model=model[0],
                 num_microbatches=n_micro, seq_length=cfg.data.seq_length,
                 micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
         t_fb = time.perf_counter() - clock
-        probe_parts.on = False
+        probe_parts.on = masks.on = False
+        # Every forward of the step precedes the first backward (the stage runs the micro-batches
+        # it holds in flight), so all masks counted are held at once at the peak.
+        cpu_masks = masks.elements * act_bytes
         parts = probe_parts.first_forward() if step == 0 else []
         fb_peak, after_fb = hwm(), rss()
         reset_hwm()
@@ -494,7 +527,8 @@ def rehearse(name: str, steps: int = 1) -> dict:
         max_load = [v for k, v in metrics.items() if k.endswith("load_max_over_mean")]
         at = held.index(max(held)) if held else None
         results.append(dict(fwd_bwd_peak=fb_peak - rss_state,
-                            fwd_peak=(fwd_hwm[at] - rss_state) if held else 0, opt_peak=opt_peak - rss_state,
+                            fwd_peak=(fwd_hwm[at] - rss_state) if held else 0,
+                            cpu_causal_masks=cpu_masks, opt_peak=opt_peak - rss_state,
                             held=(max(held) - rss_state) if held else 0, after_fwd_bwd=after_fb - rss_state,
                             forwards=len(held), fwd_bwd_s=t_fb, opt_s=t_opt,
                             ffn_experts_per_token=max(ffn_per_tok) if ffn_per_tok else None,
@@ -528,14 +562,20 @@ def run_worker(name: str, steps: int, timeout: int) -> dict:
 
 
 def compare(result: dict) -> dict:
-    """The measured figures of ``result`` next to the plan of the same stage, layout and depth."""
+    """The measured figures of ``result`` next to the plan of the same stage, layout and depth.
+    Activations are taken on GPU terms: the CPU-only causal masks of context-parallel attention
+    (:class:`CausalMaskTally`) are subtracted from the forward + backward peak."""
     spec = ALL[result["name"]]
     cfg = load_run_config(spec)
     layout = resolve(cfg, spec["world"])
     plan = plan_for(cfg, layout, result["first"], result["last"])
     state_plan = plan.parts["weights"] + plan.parts["gradients"] + plan.parts["optimizer"]
-    step = max(result["steps"], key=lambda s: max(s["fwd_bwd_peak"], s["opt_peak"]))
-    act = max(step["fwd_bwd_peak"], step["opt_peak"])
+
+    def gpu_terms(s):
+        return max(s["fwd_bwd_peak"] - s.get("cpu_causal_masks", 0), s["opt_peak"])
+
+    step = max(result["steps"], key=gpu_terms)
+    act = gpu_terms(step)
     counted = result["counted"]
     state = counted["weights"] + counted["gradients"] + counted["optimizer"]
     total = result["model_state_rss"] + act
@@ -554,12 +594,13 @@ def table(results: list) -> str:
     g = lambda b: f"{b / UNIT[0]:.2f}"  # noqa: E731
     u = UNIT[1]
     head = (f"| layout | world, rank | TP / CP / PP / EP / ETP / DP / expert-DP | depth run | "
-            f"micro-batches run | model state: counted (RSS) {u} | plan: weights + grads + Adam {u} "
-            f"| plan / counted | activations: peak fwd+bwd (held; optimizer step) {u} | plan activations "
-            f"{u} | plan / measured | total: measured {u} | plan total {u} | plan / measured |")
-    lines = [head, "|" + "---|" * 14]
+            f"micro-batches run | model state: counted (RSS) {u} | plan: weights + grads + Adam "
+            f"{u} | plan / counted | activations: peak fwd+bwd (held; optimizer step) {u} | "
+            f"CPU-only CP masks {u} | activations, GPU terms {u} | plan activations {u} | "
+            f"plan / measured | total: measured {u} | plan total {u} | plan / measured |")
+    lines = [head, "|" + "---|" * 16]
     for r in results:
-        c, lay, s = compare(r), r["layout"], None
+        c, lay = compare(r), r["layout"]
         s = c["step"]
         p = c["plan"].parts
         etp = lay["expert_tensor"] if lay["expert_tensor"] is not None else lay["tensor"]
@@ -572,7 +613,8 @@ def table(results: list) -> str:
             f"(recipe {r['micro_batches_recipe']}) | {g(c['state_counted'])} "
             f"({g(r['model_state_rss'])}) | {g(p['weights'])} + {g(p['gradients'])} + "
             f"{g(p['optimizer'])} = {g(c['state_plan'])} | {c['r_state']:.2f} | "
-            f"{g(s['fwd_bwd_peak'])} ({g(s['held'])}; {g(s['opt_peak'])}) | {g(p['activations'])} | "
+            f"{g(s['fwd_bwd_peak'])} ({g(s['held'])}; {g(s['opt_peak'])}) | "
+            f"{g(s.get('cpu_causal_masks', 0))} | {g(c['act'])} | {g(p['activations'])} | "
             f"{c['r_act']:.2f} | {g(c['total'])} | {g(c['plan'].total)} | {c['r_total']:.2f} |")
     return "\n".join(lines)
 
@@ -582,40 +624,41 @@ def _has_mtp(r: dict) -> bool:
 
 
 def details(results: list) -> str:
-    """Per layout: the counted model state by kind, the plan's activation parts, timings."""
+    """Per layout: the counted model state by kind, the plan's activation parts, what each part of
+    the forward holds (measured vs plan, first micro-batch), timings."""
+    g = lambda b: f"{b / UNIT[0]:.2f}"  # noqa: E731
+    u = UNIT[1]
+    layer_keys = ("norms", "MLA projections", "attention core", "dense MLPs", "router",
+                  "MoE dispatch + experts")
     out = []
     for r in results:
-        c = compare(r)
-        cnt = r["counted"]
-        parts = ", ".join(f"{k} {v / UNIT[0]:.2f}" for k, v in c["plan"].activation_parts.items() if v)
-        steps = "; ".join(f"step {i + 1}: fwd+bwd {s['fwd_bwd_s']:.0f} s, optimizer {s['opt_s']:.1f} s, "
-                          f"peak fwd+bwd {s['fwd_bwd_peak'] / UNIT[0]:.2f} {UNIT[1]}, held "
-                          f"{s['held'] / UNIT[0]:.2f}, optimizer step {s['opt_peak'] / UNIT[0]:.2f}, "
-                          f"FFN experts/token {s['ffn_experts_per_token']}, max/mean load "
-                          f"{s['load_max_over_mean']}" for i, s in enumerate(r["steps"]))
-        s0 = r["steps"][0]
-        measured = group_parts(s0["parts"])
+        c, cnt, s0 = compare(r), r["counted"], r["steps"][0]
         ap = c["plan"].activation_parts
-        layer_keys = ("norms", "MLA projections", "attention core", "dense MLPs", "router",
-                      "MoE dispatch + experts")
+        plan_parts = ", ".join(f"{k} {g(v)}" for k, v in ap.items() if v)
         planned = {"input embedding": ap.get("input embedding", 0.0),
                    "layers": sum(ap.get(k, 0.0) for k in layer_keys)
                    + sum(v for k, v in ap.items() if k.startswith("layers (full")),
-                   "MTP head": ap.get("MTP head", 0.0), "LM head + loss": ap.get("LM head + loss", 0.0)}
-        if r["micro_batches_run"] > 1 and r["first"]:
+                   "MTP head": ap.get("MTP head", 0.0),
+                   "LM head + loss": ap.get("LM head + loss", 0.0)}
+        if r["first"] and r["micro_batches_run"] > 1:   # the plan's parts are x micro-batches in flight
             planned = {k: v / r["micro_batches_run"] for k, v in planned.items()}
-        by_part = ", ".join(f"{k} {measured[k] / UNIT[0]:.2f} (plan {planned.get(k, 0.0) / UNIT[0]:.2f})"
-                            for k in measured)
+        measured = group_parts(s0["parts"])
+        by_part = ", ".join(f"{k} {g(v)} (plan {g(planned.get(k, 0.0))})" for k, v in measured.items())
+        steps = "; ".join(
+            f"step {i + 1}: fwd+bwd {s['fwd_bwd_s']:.0f} s, optimizer {s['opt_s']:.1f} s, peak "
+            f"fwd+bwd {g(s['fwd_bwd_peak'])} {u} (at the end of the forward {g(s['fwd_peak'])}), "
+            f"held {g(s['held'])}, optimizer step {g(s['opt_peak'])}, FFN experts/token "
+            f"{s['ffn_experts_per_token']}, max/mean load {s['load_max_over_mean']}"
+            for i, s in enumerate(r["steps"]))
+        ranks = r["ranks"]
         out.append(
-            f"* {r['name']} (rank {r['rank']}: TP rank {r['ranks']['tp']}, PP {r['ranks']['pp']}, "
-            f"CP {r['ranks']['cp']}, EP {r['ranks']['ep']}, DP {r['ranks']['dp']}; "
-            f"{cnt['params_on_rank'] / 1e6:,.1f}M parameters on the rank): counted weights "
-            f"{cnt['weights'] / UNIT[0]:.2f}, grad buffers {cnt['gradients'] / UNIT[0]:.2f}, optimizer "
-            f"{cnt['optimizer'] / UNIT[0]:.2f} {UNIT[1]}; RSS before the model {r['rss0'] / UNIT[0]:.2f} {UNIT[1]}. Plan "
-            f"activations: {parts}. Init {r['init_s']:.0f} s, build + first optimizer step "
-            f"{r['build_s']:.0f} s; {steps}; forward peak {s0['fwd_peak'] / UNIT[0]:.2f} {UNIT[1]}; held after "
-            f"the first micro-batch's forward by part, {UNIT[1]}: {by_part}; wall {r['wall_s']:.0f} s, load average "
-            f"{r['load'][0]:.1f}, {r['threads']} thread(s).")
+            f"* {r['name']} (rank {r['rank']} = TP {ranks['tp']}, PP {ranks['pp']}, CP {ranks['cp']}, "
+            f"EP {ranks['ep']}, DP {ranks['dp']}; {cnt['params_on_rank'] / 1e6:,.1f}M parameters): "
+            f"counted weights {g(cnt['weights'])}, grad buffers {g(cnt['gradients'])}, optimizer "
+            f"{g(cnt['optimizer'])} {u}; RSS before the model {g(r['rss0'])} {u}. Plan activations: "
+            f"{plan_parts}. Held after the first micro-batch's forward, by part ({u}): {by_part}. "
+            f"Init {r['init_s']:.0f} s, build + first optimizer step {r['build_s']:.0f} s; {steps}; "
+            f"wall {r['wall_s']:.0f} s, load average {r['load'][0]:.1f}, {r['threads']} thread(s).")
     return "\n".join(out)
 
 
@@ -661,9 +704,12 @@ METHOD = ("One rank of the layout at full width, reduced depth (1 layer per pipe
           "shipped), in one process with torch's fake process group for the other ranks; bf16, "
           "megatron DDP + distributed optimizer, the recipe's recompute setting and micro-batch; "
           "forced-balanced routing (K_e FFN experts per token, round-robin); pipeline: 1F1B with "
-          "the micro-batches in flight on the stage (min(PP - stage, m)). Model state counted tensor by tensor (RSS in "
-          "brackets); activations = peak RSS of the step over the model-state RSS (glibc mmaps every "
-          "block over 64 KiB). Plan = `memory_plan.stage_plan` of the same stage, layout and depth. "
+          "the micro-batches in flight on the stage (min(PP - stage, m)). Model state counted "
+          "tensor by tensor (RSS in brackets); activations = peak RSS of the step over the "
+          "model-state RSS (glibc mmaps every block over 64 KiB); \"GPU terms\" subtracts the "
+          "bottom-right causal masks that CPU SDPA materialises and keeps for the context-parallel "
+          "chunks (CUDA's flash / memory-efficient kernels build none). Plan = "
+          "`memory_plan.stage_plan` of the same stage, layout and depth. "
           "bench/one_rank_rehearsal.py's docstring lists what is faked.")
 
 

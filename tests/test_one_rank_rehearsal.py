@@ -54,6 +54,8 @@ def test_smoke_rank_runs_a_step_with_balanced_routing_and_counted_state_matches_
     assert step["forwards"] == 2 == r["micro_batches_run"]             # 1F1B: min(PP, m) in flight
     assert step["ffn_experts_per_token"] == 2.0 and step["load_max_over_mean"] == 1.0
     assert step["fwd_bwd_peak"] > 0 and step["held"] > 0
+    assert step["cpu_causal_masks"] > 0                                 # CP2: counted, not on GPU
+    assert {"input embedding", "layers"} <= set(rehearsal.group_parts(step["parts"]))
     c = rehearsal.compare(r)
     # Model state is exact arithmetic in the plan; the counted buffers add only DDP's padding.
     assert 0.9 < c["r_state"] < 1.1, c
