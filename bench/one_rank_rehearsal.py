@@ -69,7 +69,9 @@ UNIT = (GIB, "GiB")      # of the printed figures (MiB for --smoke)
 LITE = "configs/longcat_flash_lite.yaml"
 FLASH = "configs/longcat_flash.yaml"
 
-# name -> (config, stage file, world size, rank, layers per pipeline stage, extra overrides, note)
+# name -> config, stage file, world size, the rank rehearsed (Flash: rank 0 is the first pipeline
+# stage, rank 768 the first rank of the last), extra overrides. World sizes: the recipes' plans in
+# docs/operations.md (Lite: any multiple of 64; Flash: 1024).
 LAYOUTS = {
     "lite-8k": dict(config=LITE, stage="configs/stages/lite_pretrain.yaml", world=512, rank=0),
     "lite-32k": dict(config=LITE, stage="configs/stages/lite_midtrain_32k.yaml", world=512, rank=0),
@@ -96,14 +98,19 @@ ALL = {**LAYOUTS, **SMOKE}
 
 def load_run_config(spec: dict, layers_per_stage: int = 1):
     """The layout's RunConfig at reduced depth (``layers_per_stage`` x PP layers), mock data."""
+    import warnings
+
     from longcat_megatron.config import load_config
     from longcat_megatron.recipe import stage_overrides
 
     path = os.path.join(ROOT, spec["config"])
     over = ((stage_overrides(os.path.join(ROOT, spec["stage"])) if spec.get("stage") else [])
             + list(spec.get("overrides", ())) + ["data.mock=true"])
-    pipeline = load_config(path, over).parallel.pipeline
-    return load_config(path, over + [f"model.num_layers={layers_per_stage * pipeline}"])
+    with warnings.catch_warnings():
+        # at reduced depth the N-gram tables are most of the model: expected, not advice
+        warnings.filterwarnings("ignore", message=r"\[ngram_params_over_half\]")
+        pipeline = load_config(path, over).parallel.pipeline
+        return load_config(path, over + [f"model.num_layers={layers_per_stage * pipeline}"])
 
 
 def resolve(cfg, world: int):
