@@ -179,10 +179,23 @@ def activation_bytes(cfg, layout, *, backend=None, recompute=None, num_micro: in
         out["input embedding"] = emb * inflight
     if last_stage:
         heads_out = 1 + (1 if getattr(m, "mtp_num_layers", 0) else 0)
-        # logits (activation dtype) + fp32 softmax kept by the vocab-parallel cross entropy + the
-        # fp32 upcast of the logits while the loss runs
-        out["LM head + loss"] = (p + 8) * m.vocab_size / layout.tensor * tokens * heads_out
+        # megatron's vocab-parallel cross entropy keeps only the fp32 softmax of each head; one
+        # head's logits (forward) or their gradient (backward) exist at a time (measured by
+        # bench/one_rank_rehearsal.py: 4 B per logit per head + one head in the activation dtype)
+        logits = m.vocab_size / layout.tensor * tokens
+        out["LM head + loss"] = 4 * logits * heads_out + p * logits
         out["MTP head"] = mtp_activation(m, seq, mbs, layout, p, backend, recompute, sp)
+    if m.num_experts and getattr(m, "expert_impl", "grouped") == "grouped":
+        # one layer's backward: the stacked expert weight gradients [E, 2F, H] + [E, H, F] (alive
+        # until DDP adds them into main_grad) and the dispatched tokens' gradients
+        fe = (m.moe_ffn_hidden_size or m.ffn_hidden_size) / layout.expert_tensor_size
+        local = m.num_experts / layout.expert
+        rows = ffn_experts_per_token(m) * layout.expert_tensor_size / sp_div * tokens
+        transient = 3 * local * fe * h * p + rows * (2 * h + 4 * fe) * p
+        if last_stage:  # by then the LM head's and the MTP head's memory is free again
+            transient -= out["LM head + loss"] + out["MTP head"]
+        if transient > 0:
+            out["expert backward (transient, one layer)"] = transient
     if backend == "eager" and recompute != "selective":
         # softmax backward: gradients of the probabilities and of the scores, fp32, one attention
         out["eager softmax backward (transient)"] = \
