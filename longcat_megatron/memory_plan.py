@@ -299,7 +299,7 @@ def usable_gpu_gib(gpu_memory_gb: float, layout) -> tuple[float, dict]:
 #     rank's model-parallel shard, "S"), by checkpoint.optimizer_gather:
 #       per_param  save: the parameters it owns, S_dense / (DP x CP) + S_expert / expert-DP, plus at
 #                  most one whole parameter more (the largest, the owner's); load: one phase
-#                  (checkpointing.LOAD_PHASE_BYTES, or the largest parameter when it is bigger);
+#                  (optimizer_checkpoint.LOAD_PHASE_BYTES, or the largest parameter when it is bigger);
 #       all_ranks  save: all of S (megatron's all-gather) plus a copy of what it writes (its share);
 #                  load: all of S;
 #       dp_rank_0  save: on data-parallel rank 0 of each group all of S twice (the gathered state

@@ -144,7 +144,7 @@ def host_lines(cfg: RunConfig, layout: Layout, counts: ParamCounts, world: int, 
     HostMemoryError when ``checkpoint.host_memory_gb`` is set and the worst node needs more (a
     warning line with ``force``)."""
     from longcat_megatron.memory_plan import GIB, host_plan
-    from longcat_megatron.training.checkpointing import LOAD_PHASE_BYTES, OPTIMIZER_GATHERS
+    from longcat_megatron.training.optimizer_checkpoint import LOAD_PHASE_BYTES, OPTIMIZER_GATHERS
 
     c = cfg.checkpoint
     if c.optimizer_gather not in OPTIMIZER_GATHERS:

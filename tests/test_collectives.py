@@ -97,7 +97,7 @@ DIRECT_CALLERS = {"longcat_megatron/collectives.py", "longcat_megatron/model/ngr
                   "longcat_megatron/cpu_compat.py",
                   # data plane: optimizer-state pieces between data-parallel ranks at a checkpoint
                   # save, over megatron's gloo data-parallel group (CPU tensors, as megatron's own)
-                  "longcat_megatron/training/checkpointing.py"}
+                  "longcat_megatron/training/optimizer_checkpoint.py"}
 TENSOR_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
               "all_to_all_single", "broadcast", "reduce", "send", "recv", "isend", "irecv")
 OBJECT_OPS = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
