@@ -198,7 +198,7 @@ def fix_fully_reshardable_bucket_padding() -> None:
     partly as zeros ("param range exceeds unpadded buffer"): a resume trains on, silently, from
     corrupted optimizer state. Slice at the unpadded positions instead (save only; the load side
     reads per-parameter tensors and is right). Tested by tests/test_recipe_rehearsal.py (bitwise
-    resume with many buckets) and tests/test_optimizer_buckets.py."""
+    resume with many buckets) and tests/test_optimizer_gather.py (every gather, many buckets)."""
     from megatron.core.optimizer import distrib_optimizer as dopt
 
     orig = dopt.DistributedOptimizer.sharded_param_state_fully_reshardable
