@@ -1,11 +1,7 @@
-"""Training-level checks of the MoE execution choices, each as straight run vs stop-and-resume:
-
-* a checkpoint saved with one ``model.expert_impl`` at expert tensor size 2 (TP2, ETP default)
-  resumes with the other implementation at ``parallel.expert_tensor=1`` (same keys; dist_checkpointing
-  reshards the experts);
-* megatron's ``overlap_grad_reduce`` / ``overlap_param_gather`` and the ScMoE all-to-all overlap on
-  (EP2, alltoall dispatcher, 2 micro-batches) train exactly as with all overlap off, including a
-  save and resume with them on.
+"""A checkpoint saved with one ``model.expert_impl`` at expert tensor size 2 (TP2, ETP default)
+resumes with the other implementation at ``parallel.expert_tensor=1`` (same keys; dist_checkpointing
+reshards the experts). The overlaps (DDP's and ScMoE's) on == off, with save and resume, are in
+tests/test_recipe_rehearsal.py with the recipes' settings.
 """
 
 from tests.harness import run_distributed
@@ -42,18 +38,3 @@ def test_checkpoint_resumes_across_expert_impl_and_expert_tensor_size(tmp_path):
     straight, resumed = run_distributed(_straight_and_resumed, 2, tp2, tp2, etp1,
                                         str(tmp_path / "c"))[0]
     _close(resumed, straight, 1e-5)   # other layout / implementation: other rounding (~1e-7)
-
-
-def test_overlap_on_equals_off(tmp_path):
-    ep2 = ["parallel.tensor=1", "parallel.sequence_parallel=false", "parallel.expert=2",
-           "model.moe_token_dispatcher_type=alltoall", "train.micro_batch_size=2",
-           "train.global_batch_size=8"]
-    off = [*ep2, "model.scmoe_overlap=false"]
-    on = [*ep2, "model.scmoe_overlap=true", "parallel.overlap_grad_reduce=true",
-          "parallel.overlap_param_gather=true"]
-    results = run_distributed(_straight_and_resumed, 2, off, on, on, str(tmp_path / "c"))
-    for straight, resumed in results:
-        assert resumed["resumed_from"] == 2
-        assert resumed["losses"] == {k: v for k, v in straight["losses"].items() if k > 2}
-        for k, v in straight["weights"].items():
-            assert (resumed["weights"][k] - v).abs().max() <= 1e-6 * v.abs().max(), k
