@@ -58,6 +58,7 @@ class RunStatus:
     tensorboard_dir: Optional[str] = None
     launches: Launches = field(default_factory=Launches)
     scalars: dict = field(default_factory=dict, repr=False)  # tag -> (steps, values, wall times)
+    evaluation: Optional[dict] = None  # the latest RUN_DIR/eval/iter_*/scores.json (longcat_megatron.evaluate)
 
     @property
     def eta_seconds(self) -> Optional[float]:
@@ -163,12 +164,13 @@ def collect(run_dir: str) -> RunStatus:
     train, data, model = cfg.get("train") or {}, cfg.get("data") or {}, cfg.get("model") or {}
     if cfg:
         st.train_iters = train.get("train_iters")
-        rope = model.get("rope_type", "?")
+        rope = {"rope": "plain"}.get(model.get("rope_type", "?"), model.get("rope_type", "?"))
         if rope == "yarn":
             rope += f" x{model.get('yarn_factor')} over {model.get('yarn_original_max_position_embeddings')}"
+        base = model.get("rotary_base", "?")
+        base = f"{base:g}" if isinstance(base, (int, float)) else base
         st.stage = (f"{os.path.basename(os.path.normpath(run_dir))}: seq {data.get('seq_length')}, global batch "
-                    f"{train.get('global_batch_size')}, {st.train_iters} iterations, RoPE {rope} "
-                    f"base {model.get('rotary_base', '?')}")
+                    f"{train.get('global_batch_size')}, {st.train_iters} iterations, RoPE {rope} base {base}")
         if data.get("seq_length") and train.get("global_batch_size") and st.train_iters:
             from longcat_megatron.training.batch_schedule import samples_for_iterations
 
@@ -197,6 +199,14 @@ def collect(run_dir: str) -> RunStatus:
     if st.iteration is None:
         st.iteration = st.committed_iteration
     st.launches = read_events(os.path.join(run_dir, "logs", "events.log"))
+    scored = sorted(glob.glob(os.path.join(run_dir, "eval", "iter_*", "scores.json")))
+    if scored:
+        try:
+            import json
+
+            st.evaluation = json.load(open(scored[-1]))
+        except (OSError, ValueError):
+            pass
     return st
 
 
@@ -241,6 +251,11 @@ def render(st: RunStatus) -> str:
         lines.append(f"  failure: exit {rc} at {when} ({job})")
     if la.last:
         lines.append(f"  last event: {la.last}")
+    if st.evaluation:
+        ev = st.evaluation
+        lines.append(f"evaluation (lm_eval, iteration {ev.get('iteration')}): " + "; ".join(
+            f"{task} " + " ".join(f"{m} {v:.4g}" for m, v in metrics.items() if not m.endswith("_stderr"))
+            for task, metrics in (ev.get("scores") or {}).items()) + f" ({os.path.join(st.run_dir, 'eval')})")
     if not st.tensorboard_dir:
         lines.append("tensorboard: none found (set logging.tensorboard_dir; the stage scripts default "
                      "it to CKPT_DIR/tensorboard)")
@@ -309,6 +324,11 @@ def curve_panels(st: RunStatus, run_config: Optional[dict] = None) -> list:
             ref.append((float(model["moe_router_topk"]), f"top-k = {model['moe_router_topk']} (no zero experts)"))
         panels.append(Panel("FFN experts per token (zero experts excluded)", "experts per token", experts,
                             ymin=0.0, logy=False, reference=ref, group_label="layer"))
+    scores = {t[len("eval/"):]: sc[t][:2] for t in sorted(sc) if t.startswith("eval/") and "_stderr" not in t
+              and all(0.0 <= v <= 1.0 for v in sc[t][1])}
+    if scores:
+        panels.append(Panel("Benchmark scores (lm_eval, python -m longcat_megatron.evaluate)",
+                            "score (0 to 1; brier_score: lower is better)", scores, ymin=0.0, logy=False))
     return [p for p in panels if p.series]
 
 
