@@ -144,9 +144,12 @@ def measure_many(cmds: list[list[str]], env: dict) -> dict:
 
 def split_corpus(src: str, directory: str, files: int) -> None:
     """``src`` cut at line boundaries into ``files`` JSONL files of about equal size (once)."""
-    stamp = f"{directory.rstrip(os.sep)}.complete-{files}"  # beside it: a directory input reads every file
+    # beside it (a directory input reads every file); names the source, so another corpus is cut anew
+    stamp = f"{directory.rstrip(os.sep)}.complete-{files}-{os.path.basename(src)}-{os.path.getsize(src)}"
     if os.path.isfile(stamp):
         return
+    for old in glob.glob(glob.escape(directory.rstrip(os.sep)) + ".complete-*"):
+        os.remove(old)
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
         os.remove(os.path.join(directory, name))
@@ -290,10 +293,11 @@ def main(argv=None) -> int:
         split_dir = os.path.join(args.work, "split")
         split_corpus(corpus, split_dir, args.files)
         tasks = task_rows(split_dir, tokenizer, args.work, args.workers, args.tasks, env)
-        same = all(same_dataset_tokens(tasks[0]["datasets"], t["datasets"]) for t in tasks[1:])
+        # the same documents as the single-file run, in the same order, whatever the task count
+        same = all(same_dataset_tokens([rows[1]["prefix"]], t["datasets"]) for t in tasks)
         lines += ["", f"Job-array path (`--task-index/--num-tasks`, then `--finalize`) on the corpus cut into "
                       f"{args.files} files, all tasks at once on this machine ({args.workers} worker processes "
-                      f"shared among them); datasets token-identical across task counts: {same}.", "",
+                      f"shared among them); datasets token-identical to the single-file run at every task count: {same}.", "",
                   "| tasks | workers per task | wall s (all tasks) | tokens | tokens/s (all tasks) | tokens/s per task "
                   "| final step s | peak RSS all tasks MiB |", "|---|---|---|---|---|---|---|---|"]
         for t in tasks:
