@@ -24,7 +24,7 @@ committed iteration that has no scores for these tasks yet):
    and the evaluation of iteration N usually runs while training is already past N.
 
 A newly made export is deleted after scoring unless ``--keep-export`` (a large model's export is as
-big as its weights); an export that was there before is kept. Install the harness with ``pip
+big as its weights); an export that was there before, or one into ``--export-dir``, is kept. Install the harness with ``pip
 install .[eval]``. On a cluster, evaluate after each save with ``launch/evaluate.sh``
 (docs/operations.md, "Evaluating checkpoints"). Exit codes: 0, 2 bad input (the message says why).
 """
@@ -217,7 +217,8 @@ def log_scores(run_dir: str, iteration: int, scores: dict, cfg: dict, *, tasks: 
     if log.get("wandb_project"):
         from longcat_megatron.training.progress import WandbRun, _read_id, wandb_settings
 
-        project, entity, name, directory, id_file = wandb_settings(cfg)
+        project, entity, name, _, _ = wandb_settings(cfg)
+        directory = log.get("wandb_dir") or run_dir  # the run directory as it is now (it may have moved)
         train_id = _read_id(os.path.join(run_dir, "wandb_run_id.txt"))
         run = WandbRun(project, entity=entity, name=f"{name}-eval" if name else None, directory=directory,
                        id_file=os.path.join(run_dir, WANDB_EVAL_ID_FILE), job_type="eval",
@@ -238,7 +239,7 @@ def evaluate_iteration(run_dir: str, iteration: int, tasks: list[str], *, export
     try:
         results = run_harness(hf_dir, tasks, **harness)
     finally:
-        if not existed and not keep_export:
+        if not existed and not keep_export and not export_dir:  # an export the operator named is kept
             shutil.rmtree(hf_dir, ignore_errors=True)
     if not results:
         return {}
@@ -246,7 +247,7 @@ def evaluate_iteration(run_dir: str, iteration: int, tasks: list[str], *, export
 
     scores = scores_of(results)
     record = {"iteration": iteration, "checkpoint": os.path.abspath(os.path.join(run_dir, _iter_name(iteration))),
-              "tasks": tasks, "scores": scores, "export": os.path.abspath(hf_dir), "export_kept": existed or keep_export,
+              "tasks": tasks, "scores": scores, "export": os.path.abspath(hf_dir), "export_kept": existed or keep_export or bool(export_dir),
               "lm_eval_version": getattr(lm_eval, "__version__", "?"),
               "settings": {k: v for k, v in harness.items() if k != "model_args"} | {"model_args": harness.get("model_args")},
               "seconds": round(time.monotonic() - start, 1),

@@ -225,6 +225,39 @@ def test_wandb_service_survives_sigusr1_and_its_loss_never_stops_training(tmp_pa
     assert (tmp_path / "id").read_text().strip() == wb.id
 
 
+CANNOT_START = """
+import sys
+from longcat_megatron.errors import UserInputError
+from longcat_megatron.training.progress import WandbRun
+tmp = sys.argv[1]
+try:
+    WandbRun("p", directory=tmp, id_file=tmp + "/new_id")
+    sys.exit("a first start without W&B did not stop")
+except UserInputError as exc:
+    assert "wandb login" in str(exc) and "WANDB_MODE=offline" in str(exc), exc
+import os
+assert not os.path.exists(tmp + "/new_id")  # no run was made: the next start is a first start again
+open(tmp + "/id", "w").write("abc12345\\n")
+wb = WandbRun("p", directory=tmp, id_file=tmp + "/id")
+assert wb.run is None and wb.resumed
+wb.log({"loss": 1.0}, step=1)
+wb.finish()
+"""
+
+
+def test_wandb_that_cannot_start_stops_a_first_start_but_not_a_resume(tmp_path):
+    """Not logged in (online mode, no API key): the first start of a run stops with what to do; a
+    requeue/resume of a run that already logs to W&B goes on without it (a W&B outage must not keep a
+    requeued job down). In a fresh process: W&B reads its settings once per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_SERVICE")}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path), PYTHONPATH=ROOT,
+               WANDB_BASE_URL="http://127.0.0.1:9")
+    res = subprocess.run([sys.executable, "-c", CANNOT_START, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "could not resume run abc12345; going on without W&B" in res.stderr
+
+
 def test_status_writes_curves_png_and_csv(run):
     import csv
 

@@ -96,11 +96,23 @@ def _write_id(path: str, run_id: str) -> None:
     os.replace(tmp, path)
 
 
+def _init_or_explain(wandb, **kwargs):
+    """``wandb.init``; a failure to start (not logged in on a machine without a terminal, a wrong
+    entity, no network in online mode) is an error that says what to do, at start-up."""
+    try:
+        return wandb.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - wandb raises its own error types
+        raise UserInputError(
+            f"Weights & Biases did not start ({type(exc).__name__}: {exc}). Log in on this machine "
+            "(`wandb login`, or export WANDB_API_KEY), or run offline (WANDB_MODE=offline, upload later "
+            "with `wandb sync`), or unset logging.wandb_project") from None
+
+
 class WandbRun:
     """One process's W&B run, resumed by id: ``log({name: value}, step)``, ``finish()``.
 
-    The id comes from ``id_file`` when it exists, else a new one is written there before the run
-    starts, so every later start with the same file (a requeue, a resume, a stage script rerun)
+    The id comes from ``id_file`` when it exists, else a new one is written there as soon as the run
+    has started, so every later start with the same file (a requeue, a resume, a stage script rerun)
     continues that run. W&B's service process (wandb-core) is started with the stop signals blocked
     (as the checkpoint helpers are, training/signals.py): SLURM signals every process of the job
     step, and a SIGUSR1 (the pre-timeout warning, ``scancel --signal=USR1``) must leave it running
@@ -119,16 +131,26 @@ class WandbRun:
         self.resumed = run_id is not None
         if run_id is None:
             run_id = new_run_id()
-            if id_file:
-                _write_id(id_file, run_id)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        self.run = _spawn_with_stop_signals_blocked(lambda: wandb.init(
-            project=project, entity=entity, name=name, dir=directory, id=run_id, resume="allow",
-            config=config or {}, job_type=job_type, group=group, allow_val_change=True,
-            # the job log keeps the text output: no wrapper around this process's stdout/stderr
-            settings=wandb.Settings(console="off")))
         self.id = run_id
+        try:
+            self.run = _spawn_with_stop_signals_blocked(lambda: _init_or_explain(wandb,
+                project=project, entity=entity, name=name, dir=directory, id=run_id, resume="allow",
+                config=config or {}, job_type=job_type, group=group, allow_val_change=True,
+                # the job log keeps the text output: no wrapper around this process's stdout/stderr
+                settings=wandb.Settings(console="off")))
+        except UserInputError as exc:
+            if not self.resumed:
+                raise  # the first start: a wrong setup is reported before anything runs
+            # a requeue or resume of a run that did log: a W&B outage must not keep training down
+            print(f"[wandb] could not resume run {run_id}; going on without W&B. {exc}", file=sys.stderr,
+                  flush=True)
+            self.run = None
+            self.step_metric = step_metric
+            return
+        if id_file and not self.resumed:  # kept once the run exists: every later start continues it
+            _write_id(id_file, run_id)
         self.step_metric = step_metric
         if step_metric:  # a run whose x axis is a logged value, not W&B's own (monotone) step
             self.run.define_metric(step_metric)
@@ -255,8 +277,11 @@ class ProgressLogger:
             require_wandb()  # on every rank: a missing package stops all of them, not only rank 0
             if enabled:
                 self.wandb = training_wandb_run(run_config, self.world_size)
-                self.print(f"[wandb] {'resumed' if self.wandb.resumed else 'started'} run {self.wandb.id} "
-                           f"(project {wandb_settings(run_config)[0]}, files under {self.wandb.run.dir})")
+                if self.wandb.run is None:
+                    self.wandb = None
+                else:
+                    self.print(f"[wandb] {'resumed' if self.wandb.resumed else 'started'} run {self.wandb.id} "
+                               f"(project {wandb_settings(run_config)[0]}, files under {self.wandb.run.dir})")
 
     def _add(self, name: str, value: float, iteration: int) -> None:
         """One scalar for TensorBoard and W&B (sent at the end of the step)."""
