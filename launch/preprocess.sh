@@ -94,6 +94,7 @@ case "$mode" in
         # shellcheck disable=SC2206
         sb=($SBATCH_ARGS)
         script="$_root/launch/preprocess.sh"
+        export LONGCAT_ROOT="$_root"  # the jobs run a spool copy of this script: where the code is
         array=$(NUM_TASKS="$n" sbatch --parsable "${sb[@]}" --array="0-$(( n - 1 ))" "$script" "$@")
         array="${array%%;*}"
         final=$(NUM_TASKS="$n" FINALIZE=1 sbatch --parsable "${sb[@]}" --output="%x-%j-finalize.log" \
