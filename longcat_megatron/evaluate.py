@@ -96,8 +96,9 @@ def ensure_export(run_dir: str, iteration: int, export_dir: Optional[str] = None
     from ckpt_convert.to_hf import convert
 
     iter_dir = os.path.join(run_dir, _iter_name(iteration))
-    if export_dir and os.path.isfile(os.path.join(export_dir, "config.json")):
-        return export_dir, True  # named by the operator: used as it is
+    if export_dir and os.path.isfile(os.path.join(export_dir, "config.json")) and \
+            not os.path.isfile(os.path.join(export_dir, EXPORT_STAMP)):
+        return export_dir, True  # an HF directory of the operator's own: used as it is
     target = export_dir or os.path.join(run_dir, "hf", _iter_name(iteration))
     digest = _checkpoint_digest(iter_dir)
     try:
@@ -330,6 +331,9 @@ def main(argv=None) -> int:
         silence_known_warnings()
         if not os.path.isdir(args.load):
             raise EvaluateError(f"--load '{args.load}' is not a directory (pass the run's checkpoint.save)")
+        if args.pending and args.export_dir:
+            raise EvaluateError("--export-dir names one checkpoint's export: use it with --iteration N (or "
+                                "none), not with --pending (each iteration gets RUN_DIR/hf/iter_N)")
         if not args.pending:
             from longcat_megatron.training.checkpointing import read_tracker
 

@@ -336,7 +336,7 @@ def shuffle_weights(src: str, dst: str) -> str:
     import torch
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("longcat_export.json"))  # no longer that checkpoint
     gen = torch.Generator().manual_seed(0)
     for path in glob.glob(os.path.join(dst, "*.safetensors")):
         tensors = load_file(path)
