@@ -8,7 +8,7 @@ small warm-up step, then per sequence length reset the kernel's peak-RSS counter
 allocation above 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set at
 once and RSS follows the live tensors. Linux only.
 
-    python bench/attention_memory.py [--seqs 1024,2048,4096] [--selective-parts] [--no-write]
+    python bench/attention_memory.py [--seqs 1024,2048,4096] [--selective-parts] [--no-write] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only (no docs/benchmarks.md)")
     parser.add_argument("--selective-parts", action="store_true",
                         help="also: each selective module alone, at the longest sequence")
+    parser.add_argument("--plot", help="also draw peak and held memory vs sequence length (PNG)")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "CASES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -166,6 +167,21 @@ def main(argv=None) -> int:
             + "\n\nHeld after the forward (activations kept for the backward):\n\n"
             + table(seqs, results, "held") + extra)
     print(body)
+    if args.plot:
+        from longcat_megatron.plotting import Panel, plot_panels
+
+        def curves(key):
+            return {f"{b}, recompute {rc}": (seqs, [results[(q, b, rc)][key] for q in seqs],
+                                             {"group": rc, "label": f"recompute {rc}",
+                                              "linestyle": "-" if b == BACKENDS[0] else "--"})
+                    for b in BACKENDS for rc in RECOMPUTE}
+        styles = [(f"{b} attention", "-" if b == BACKENDS[0] else "--") for b in BACKENDS]
+        plot_panels(args.plot, [
+            Panel("Peak memory of one shortcut layer, forward + backward", "MiB above the step's start",
+                  curves("peak"), xlabel="sequence length (tokens)", logx=True, logy=True, styles=styles),
+            Panel("Held after the forward (kept for the backward)", "MiB", curves("held"),
+                  xlabel="sequence length (tokens)", logx=True, logy=True, styles=styles)])
+        print("plot:", args.plot)
     if not args.no_write:
         from bench.report import append_section
 

@@ -2,7 +2,7 @@
 and 256 local experts, same tokens, same weights, interleaved repetitions.
 
     OMP_NUM_THREADS=1 python bench/experts.py [--experts 8 64 256] [--tokens 4096] [--hidden 256]
-                                              [--ffn 128] [--reps 10] [--bf16]
+                                              [--ffn 128] [--reps 10] [--bf16] [--plot PNG]
 
 ``tokens`` routed picks are spread over the experts by a fixed random routing (some experts may get
 none, as in training). Prints the median times and their ratio; appends the table to
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--plot", help="also draw the times vs local experts (PNG)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
 
     runtime.initialize(seed=1)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    rows = []
+    rows, points = [], []
     for n in args.experts:
         cfg = ModelConfig(arch="longcat", hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                           num_experts=n, moe_ffn_hidden_size=args.ffn, moe_router_topk=2)
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
         s, g = statistics.median(times["sequential"]), statistics.median(times["grouped"])
         empty = int((counts == 0).sum())
         rows.append(f"| {n} | {empty} | {s * 1e3:.2f} | {g * 1e3:.2f} | {s / g:.2f} |")
+        points.append((n, s * 1e3, g * 1e3))
         print(rows[-1], flush=True)
     table = "\n".join([
         f"Command: `python bench/experts.py --experts {' '.join(map(str, args.experts))} "
@@ -97,6 +99,19 @@ def main(argv=None) -> int:
         *rows,
     ])
     print(table)
+    if args.plot:
+        from longcat_megatron.plotting import Panel, plot_panels
+
+        ns = [p[0] for p in points]
+        plot_panels(args.plot, [
+            Panel(f"Local experts fwd + bwd, {args.tokens} routed tokens", "median ms per step",
+                  {"sequential (megatron SequentialMLP)": (ns, [p[1] for p in points]),
+                   "grouped": (ns, [p[2] for p in points])},
+                  xlabel="local experts per rank", logx=True, logy=True),
+            Panel("Speed-up of grouped experts", "sequential / grouped (x)",
+                  {"speed-up": (ns, [p[1] / p[2] for p in points])}, xlabel="local experts per rank",
+                  logx=True, ymin=0.0, reference=[(1.0, "equal")])])
+        print("plot:", args.plot)
     if not args.no_write:
         from bench.report import append_section
 

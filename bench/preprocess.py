@@ -14,7 +14,15 @@ help texts, and a 32k byte-level BPE tokenizer trained on part of it (or takes `
 * Megatron-LM's ``tools/preprocess_data.py --append-eod --tokenizer-type HuggingFaceTokenizer`` (if
   ``--mlm`` is given), launched unmodified from its checkout. On Python 3.11 it needs a
   ``typing.override`` shim (written to ``--work``) and ``triton`` importable (megatron.core imports
-  it); pass extra import paths with ``--mlm-pythonpath``.
+  it); pass extra import paths with ``--mlm-pythonpath``;
+* the job-array path (``--tasks 1 2``, the default): the corpus cut into ``--files`` JSONL files,
+  then for each task count N, N tasks at once (``--task-index i --num-tasks N``, ``--workers``/N
+  tokenizer processes each, so the same cores in all) and the final step (``--finalize``): tokens/s
+  of all tasks together and per task. On a cluster each task has a node of its own, so there the
+  aggregate grows with N; on one machine the comparison shows what slicing itself costs. The
+  datasets of every N are compared token for token.
+
+``--plot FILE`` draws the tokens/s figures as a PNG (matplotlib).
 
 Wall time and peak RSS (sum over the process tree, sampled every 0.1 s; forked children share pages,
 so the sum overcounts) are measured from outside; tokens are counted from the written ``.idx``. The
@@ -111,6 +119,86 @@ def measure(cmd: list[str], env: dict) -> dict:
     return {"seconds": time.monotonic() - start, "rss_sum_mib": peak_sum / 2**20, "rss_max_mib": peak_one / 2**20}
 
 
+def measure_many(cmds: list[list[str]], env: dict) -> dict:
+    """Run ``cmds`` at the same time; wall seconds until all end and the peak RSS of all their trees."""
+    start = time.monotonic()
+    procs = [psutil.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT) for c in cmds]
+    peak_sum = peak_one = 0
+    while any(p.poll() is None for p in procs):
+        rss = []
+        for proc in procs:
+            try:
+                rss += [q.memory_info().rss for q in [proc] + proc.children(recursive=True) if q.is_running()]
+            except psutil.Error:
+                pass
+        if rss:
+            peak_sum, peak_one = max(peak_sum, sum(rss)), max(peak_one, max(rss))
+        time.sleep(0.1)
+    seconds = time.monotonic() - start
+    for proc, cmd in zip(procs, cmds):
+        out = proc.stdout.read().decode(errors="replace")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    return {"seconds": seconds, "rss_sum_mib": peak_sum / 2**20, "rss_max_mib": peak_one / 2**20}
+
+
+def split_corpus(src: str, directory: str, files: int) -> None:
+    """``src`` cut at line boundaries into ``files`` JSONL files of about equal size (once)."""
+    # beside it (a directory input reads every file); names the source, so another corpus is cut anew
+    stamp = f"{directory.rstrip(os.sep)}.complete-{files}-{os.path.basename(src)}-{os.path.getsize(src)}"
+    if os.path.isfile(stamp):
+        return
+    for old in glob.glob(glob.escape(directory.rstrip(os.sep)) + ".complete-*"):
+        os.remove(old)
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        os.remove(os.path.join(directory, name))
+    total, part, out = os.path.getsize(src), 0, None
+    with open(src, "rb") as f:
+        for line in f:
+            if out is None or (out.tell() >= total / files and part < files):
+                if out is not None:
+                    out.close()
+                out = open(os.path.join(directory, f"part{part:03d}.jsonl"), "wb")
+                part += 1
+            out.write(line)
+    out.close()
+    open(stamp, "w").close()
+
+
+def task_rows(split_dir: str, tokenizer: str, work: str, workers: int, task_counts: list[int], env: dict) -> list:
+    """The job-array path at each task count: N tasks at once, then the final step."""
+    rows = []
+    for n in task_counts:
+        prefix = os.path.join(work, f"tasks{n}", "corpus")
+        if os.path.isdir(os.path.dirname(prefix)):
+            for name in os.listdir(os.path.dirname(prefix)):
+                os.remove(os.path.join(os.path.dirname(prefix), name))
+        per_task = max(1, workers // n)
+        common = [sys.executable, "-m", "data_tools.preprocess", "--input", split_dir, "--tokenizer", tokenizer,
+                  "--output-prefix", prefix]
+        m = measure_many([common + ["--workers", str(per_task), "--task-index", str(i), "--num-tasks", str(n),
+                                    "--quiet"] for i in range(n)], env)
+        t0 = time.monotonic()
+        measure([*common, "--finalize", "--num-tasks", str(n)], env)
+        manifest = json.load(open(prefix + ".manifest.json"))
+        rows.append({"tasks": n, "workers": per_task, **m, "finalize_s": time.monotonic() - t0,
+                     "tokens": manifest["tokens"], "datasets": [os.path.join(os.path.dirname(prefix), d["prefix"])
+                                                                for d in manifest["datasets"]]})
+    return rows
+
+
+def same_dataset_tokens(a: list[str], b: list[str]) -> bool:
+    """The datasets ``a`` and ``b`` (in order) hold the same token bytes and document lengths."""
+    def concat(prefixes, ext):
+        return b"".join(open(p + ext, "rb").read() for p in prefixes)
+
+    from longcat_megatron.data.indexed_files import sequence_lengths
+
+    return concat(a, ".bin") == concat(b, ".bin") and \
+        np.array_equal(np.concatenate([sequence_lengths(p) for p in a]), np.concatenate([sequence_lengths(p) for p in b]))
+
+
 def head_lines(src: str, dst: str, fraction: float) -> None:
     total = os.path.getsize(src)
     with open(src, "rb") as f, open(dst, "wb") as out:
@@ -127,6 +215,21 @@ def same_tokens(prefix_a: str, prefix_b: str) -> bool:
     return np.array_equal(np.fromfile(prefix_a + ".bin", dtype=np.uint8), np.fromfile(prefix_b + ".bin", dtype=np.uint8))
 
 
+def plot_rates(path: str, rows: list, tasks: list, workers: int) -> None:
+    from longcat_megatron.plotting import Panel, plot_panels
+
+    panels = [Panel(f"Tokenizing one corpus ({workers} worker processes)", "tokens/s",
+                    {r["tool"].replace("Megatron-LM tools/preprocess_data.py", "Megatron-LM\npreprocess_data.py"):
+                     r["tokens"] / r["seconds"] for r in rows}, kind="bar", value_format="{:,.0f}", yformat="eng")]
+    if tasks:
+        series = {f"{t['tasks']} task{'s' if t['tasks'] > 1 else ''} x {t['workers']} worker(s)":
+                  {"all tasks together": t["tokens"] / t["seconds"],
+                   "per task": t["tokens"] / t["seconds"] / t["tasks"]} for t in tasks}
+        panels.append(Panel(f"Job-array path, all tasks on this machine", "tokens/s", series, kind="bar",
+                            value_format="{:,.0f}", yformat="eng"))
+    plot_panels(path, panels, cols=2, panel_size=(6.0, 3.8))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/preprocess.py", description=__doc__.split("Example::")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +241,10 @@ def main(argv=None) -> int:
     parser.add_argument("--mlm", help="Megatron-LM checkout (runs its tools/preprocess_data.py)")
     parser.add_argument("--mlm-pythonpath", default="", help="extra import paths for Megatron-LM (e.g. triton)")
     parser.add_argument("--write-docs", help="append the result table to this Markdown file")
+    parser.add_argument("--tasks", type=int, nargs="*", default=[1, 2],
+                        help="task counts of the job-array path to compare (default 1 2; none: skip it)")
+    parser.add_argument("--files", type=int, default=8, help="input files the corpus is cut into for the tasks")
+    parser.add_argument("--plot", help="write the tokens/s figures as a PNG here")
     args = parser.parse_args(argv)
 
     os.makedirs(args.work, exist_ok=True)
@@ -181,6 +288,22 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['tool']} | {r['input_mb']:.1f} | {r['seconds']:.1f} | {r['tokens']:,} | "
                      f"{r['tokens'] / r['seconds']:,.0f} | {r['rss_sum_mib']:,.0f} | {r['rss_max_mib']:,.0f} |")
+    tasks = []
+    if args.tasks:
+        split_dir = os.path.join(args.work, "split")
+        split_corpus(corpus, split_dir, args.files)
+        tasks = task_rows(split_dir, tokenizer, args.work, args.workers, args.tasks, env)
+        # the same documents as the single-file run, in the same order, whatever the task count
+        same = all(same_dataset_tokens([rows[1]["prefix"]], t["datasets"]) for t in tasks)
+        lines += ["", f"Job-array path (`--task-index/--num-tasks`, then `--finalize`) on the corpus cut into "
+                      f"{args.files} files, all tasks at once on this machine ({args.workers} worker processes "
+                      f"shared among them); datasets token-identical to the single-file run at every task count: {same}.", "",
+                  "| tasks | workers per task | wall s (all tasks) | tokens | tokens/s (all tasks) | tokens/s per task "
+                  "| final step s | peak RSS all tasks MiB |", "|---|---|---|---|---|---|---|---|"]
+        for t in tasks:
+            rate = t["tokens"] / t["seconds"]
+            lines.append(f"| {t['tasks']} | {t['workers']} | {t['seconds']:.1f} | {t['tokens']:,} | {rate:,.0f} | "
+                         f"{rate / t['tasks']:,.0f} | {t['finalize_s']:.1f} | {t['rss_sum_mib']:,.0f} |")
     table = "\n".join(lines)
     cpu = platform.processor() or platform.machine()
     header = (f"## Preprocessing: ours vs Megatron-LM tools/preprocess_data.py ({datetime.date.today()})\n\n"
@@ -188,12 +311,17 @@ def main(argv=None) -> int:
               f"Python {platform.python_version()}; {args.workers} workers each; corpus {os.path.basename(corpus)}, "
               f"tokenizer {os.path.basename(tokenizer)} (vocab {tokenizer_info(tokenizer).vocab_size}). "
               f"Command: `python bench/preprocess.py --workers {args.workers} --corpus-mb {args.corpus_mb:g}"
-              f"{' --mlm MEGATRON_LM' if args.mlm else ''}`. Outputs token-identical: {identical}.\n")
+              f"{' --mlm MEGATRON_LM' if args.mlm else ''}"
+              f"{' --tasks ' + ' '.join(map(str, args.tasks)) if args.tasks else ''}`. "
+              f"Outputs token-identical: {identical}.\n")
     print(header)
     print(table)
     if args.write_docs:
         with open(args.write_docs, "a") as f:
             f.write("\n" + header + "\n" + table + "\n")
+    if args.plot:
+        plot_rates(args.plot, rows, tasks, args.workers)
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -33,13 +33,21 @@ class OutputBusyError(UserInputError):
 
 
 def output_file_pattern(name: str) -> re.Pattern:
-    """Names a run of the data tools writes for prefix ``name`` (shards, mask, sidecars, summary)."""
+    """Names a run of the data tools writes for prefix ``name`` (shards, mask, sidecars, summary).
+    Shard numbers have 5 digits, or more from the 100,000th input file on."""
     n = re.escape(name)
-    return re.compile(rf"^{n}(_loss_mask)?(\.\d{{5}})?\.(bin|idx|meta\.json)$|^{n}\.(summary\.json|skipped\.tsv)$")
+    return re.compile(rf"^{n}(_loss_mask)?(\.\d{{5,}})?\.(bin|idx|meta\.json)$|^{n}\.(summary\.json|skipped\.tsv)$")
 
 
 def is_run_dir_name(name: str) -> bool:
     return name.startswith(".") and RUN_DIR_MARK in name
+
+
+def in_run_dir(path: str) -> bool:
+    """True for files inside a run directory (a run in progress, or a killed one's leftovers) and for
+    the ``*.tmp-<pid>`` files of older versions: never inputs."""
+    parts = os.path.abspath(path).split(os.sep)
+    return any(is_run_dir_name(p) for p in parts[:-1]) or bool(_LEGACY_TMP.search(path))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -118,8 +126,7 @@ class RunOutput:
     def owns(self, path: str) -> bool:
         """True for this prefix's outputs and for anything inside a run directory (never inputs)."""
         path = os.path.abspath(path)
-        parts = path.split(os.sep)
-        if any(is_run_dir_name(p) for p in parts[:-1]) or _LEGACY_TMP.search(path):
+        if in_run_dir(path):
             return True
         directory, name = os.path.split(path)
         return directory == self.directory and bool(self._pattern.match(name))

@@ -166,6 +166,14 @@ class LoggingConfig:
     # Per-GPU dense peak TFLOP/s for the progress line's MFU (default: known from the GPU's name;
     # unknown GPU or CPU: MFU not shown, TFLOP/s still is).
     peak_tflops: Optional[float] = None
+    # Weights & Biases next to TensorBoard (rank 0, the same scalars; the resolved run config and the
+    # recipe labels as the run's config): set a project to turn it on. The run id is kept beside the
+    # checkpoints (checkpoint.save/wandb_run_id.txt), so a requeued or resumed run continues the
+    # same W&B run. WANDB_MODE=offline keeps it on disk only (upload later: `wandb sync DIR`).
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None  # team or user (default: the API key's default entity)
+    wandb_name: Optional[str] = None  # run name (default: the checkpoint directory's name)
+    wandb_dir: Optional[str] = None  # where its wandb/ directory goes (default: checkpoint.save, else .)
 
 
 @dataclass

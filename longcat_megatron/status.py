@@ -4,10 +4,10 @@ RUN_DIR is a stage's checkpoint directory (``checkpoint.save``; CKPT_DIR of the 
 Printed: the stage (from the last checkpoint's ``run_config.yaml``: sequence length, batch, RoPE),
 the last committed checkpoint (iteration, time, path), the latest logged iteration, tokens trained,
 loss, speed and ETA (from the TensorBoard logs), and the launches (``logs/events.log`` written by
-launch/rank.sh: starts, requeues = exit 75, failures = other non-zero exits). A PNG of the loss and
-expert-load curves (TensorBoard scalars ``loss``, ``valid/loss``, ``progress/max-load``,
-``moe/layerN/load_max_over_mean``, ``progress/experts/tok``) is written next to the logs, with
-numpy + zlib only (:mod:`longcat_megatron.plotting`).
+launch/rank.sh: starts, requeues = exit 75, failures = other non-zero exits). A PNG of the curves
+(loss with tokens on a second axis, LR, gradient norm, throughput, MFU, memory, expert load per layer,
+FFN experts per token against the budget target; :func:`curve_panels`, drawn with matplotlib by
+:mod:`longcat_megatron.plotting`) and a CSV of every logged scalar are written next to the logs.
 
 TensorBoard logs are looked for in the run config's ``logging.tensorboard_dir``, then in
 RUN_DIR/tensorboard. Exit codes: 0, 2 when RUN_DIR is not a run directory.
@@ -58,6 +58,7 @@ class RunStatus:
     tensorboard_dir: Optional[str] = None
     launches: Launches = field(default_factory=Launches)
     scalars: dict = field(default_factory=dict, repr=False)  # tag -> (steps, values, wall times)
+    evaluation: Optional[dict] = None  # the latest RUN_DIR/eval/iter_*/scores.json (longcat_megatron.evaluate)
 
     @property
     def eta_seconds(self) -> Optional[float]:
@@ -163,12 +164,13 @@ def collect(run_dir: str) -> RunStatus:
     train, data, model = cfg.get("train") or {}, cfg.get("data") or {}, cfg.get("model") or {}
     if cfg:
         st.train_iters = train.get("train_iters")
-        rope = model.get("rope_type", "?")
+        rope = {"rope": "plain"}.get(model.get("rope_type", "?"), model.get("rope_type", "?"))
         if rope == "yarn":
             rope += f" x{model.get('yarn_factor')} over {model.get('yarn_original_max_position_embeddings')}"
+        base = model.get("rotary_base", "?")
+        base = f"{base:g}" if isinstance(base, (int, float)) else base
         st.stage = (f"{os.path.basename(os.path.normpath(run_dir))}: seq {data.get('seq_length')}, global batch "
-                    f"{train.get('global_batch_size')}, {st.train_iters} iterations, RoPE {rope} "
-                    f"base {model.get('rotary_base', '?')}")
+                    f"{train.get('global_batch_size')}, {st.train_iters} iterations, RoPE {rope} base {base}")
         if data.get("seq_length") and train.get("global_batch_size") and st.train_iters:
             from longcat_megatron.training.batch_schedule import samples_for_iterations
 
@@ -197,6 +199,14 @@ def collect(run_dir: str) -> RunStatus:
     if st.iteration is None:
         st.iteration = st.committed_iteration
     st.launches = read_events(os.path.join(run_dir, "logs", "events.log"))
+    scored = sorted(glob.glob(os.path.join(run_dir, "eval", "iter_*", "scores.json")))
+    if scored:
+        try:
+            import json
+
+            st.evaluation = json.load(open(scored[-1]))
+        except (OSError, ValueError):
+            pass
     return st
 
 
@@ -241,33 +251,128 @@ def render(st: RunStatus) -> str:
         lines.append(f"  failure: exit {rc} at {when} ({job})")
     if la.last:
         lines.append(f"  last event: {la.last}")
+    if st.evaluation:
+        ev = st.evaluation
+        lines.append(f"evaluation (lm_eval, iteration {ev.get('iteration')}): " + "; ".join(
+            f"{task} " + " ".join(f"{m} {v:.4g}" for m, v in metrics.items() if not m.endswith("_stderr"))
+            for task, metrics in (ev.get("scores") or {}).items()) + f" ({os.path.join(st.run_dir, 'eval')})")
     if not st.tensorboard_dir:
         lines.append("tensorboard: none found (set logging.tensorboard_dir; the stage scripts default "
                      "it to CKPT_DIR/tensorboard)")
     return "\n".join(lines)
 
 
-def write_curves(st: RunStatus, path: str) -> bool:
-    """PNG of loss and expert-load curves; False when there is nothing to plot."""
-    from longcat_megatron.plotting import line_chart_png
+def curve_panels(st: RunStatus, run_config: Optional[dict] = None) -> list:
+    """The status figure's panels (those with data): loss, LR, gradient norm, throughput, MFU or
+    TFLOP/s, memory, expert load, FFN experts per token."""
+    from longcat_megatron.plotting import Panel, count, monotone_axis
 
     sc = st.scalars
-    if not sc:
-        return False
-    loss = {name: sc[tag][:2] for name, tag in (("train loss", "loss"), ("validation loss", "valid/loss"))
-            if tag in sc}
+    model = (run_config or {}).get("model") or {}
+
+    def pick(*tags):
+        return {name: sc[tag][:2] for name, tag in tags if tag in sc}
+
+    top = None
+    if "tokens" in sc:
+        axis = monotone_axis(*sc["tokens"][:2])
+        if axis is not None:
+            top = ("tokens trained", *axis, count)
+    panels = [
+        Panel("Loss", "cross-entropy (nats/token)", pick(("train", "loss"), ("validation", "valid/loss")),
+              top_axis=top),
+        Panel("Learning rate", "learning rate", pick(("lr", "lr")), ymin=0.0, yformat="sci"),
+        Panel("Gradient norm", "global L2 norm (before clipping)", pick(("grad norm", "grad_norm"))),
+        Panel("Throughput", "tokens/s (all ranks)", pick(("tokens/s", "throughput/tokens_per_s")), ymin=0.0,
+              yformat="eng"),
+    ]
+    if "throughput/mfu" in sc:
+        steps, mfu = sc["throughput/mfu"][:2]
+        panels.append(Panel("Model FLOPs utilisation", "MFU (% of the GPU's dense BF16 peak)",
+                            {"MFU": (steps, [100 * v for v in mfu])}, ymin=0.0))
+    elif "throughput/tflops_per_gpu" in sc:
+        steps, tflops = sc["throughput/tflops_per_gpu"][:2]
+        panels.append(Panel("Achieved model FLOP/s", "FLOP/s per rank (model FLOPs)",
+                            {"per rank": (steps, [v * 1e12 for v in tflops])}, ymin=0.0, yformat="eng"))
+    if "throughput/peak_mem_gb" in sc:
+        panels.append(Panel("Peak memory of rank 0", "GB (CUDA peak allocated; CPU: peak RSS)",
+                            pick(("rank 0", "throughput/peak_mem_gb")), ymin=0.0))
+    layers = sorted({int(m.group(1)) for t in sc for m in [re.match(r"^moe/layer(\d+)/load_max_over_mean$", t)] if m})
     load = {}
-    if "progress/max-load" in sc:
-        load["max load / mean (all layers)"] = sc["progress/max-load"][:2]
-    for tag in sorted(t for t in sc if re.match(r"^moe/layer\d+/load_max_over_mean$", t)):
-        load[f"layer {tag.split('/')[1][5:]} max/mean"] = sc[tag][:2]
-    for tag in sorted(t for t in sc if re.match(r"^moe/layer\d+/load_min_over_mean$", t)):
-        load[f"layer {tag.split('/')[1][5:]} min/mean"] = sc[tag][:2]
-    experts = {"ffn experts per token": sc["progress/experts/tok"][:2]} if "progress/experts/tok" in sc else {}
-    panels = [("loss", loss), ("expert load", load)]
+    for i in layers:
+        load[f"layer {i} max/mean"] = (*sc[f"moe/layer{i}/load_max_over_mean"][:2], {"group": i, "label": f"layer {i}"})
+        if f"moe/layer{i}/load_min_over_mean" in sc:
+            load[f"layer {i} min/mean"] = (*sc[f"moe/layer{i}/load_min_over_mean"][:2],
+                                           {"group": i, "linestyle": "--"})
+    if not load and "progress/max-load" in sc:
+        load["max over layers, max/mean"] = sc["progress/max-load"][:2]
+    if load:
+        panels.append(Panel("Expert load balance (FFN experts)", "tokens per expert / mean (ratio)", load,
+                            ymin=0.0, logy=False, group_label="layer",
+                            reference=[(1.0, "balanced (= 1)", dict(color="tab:red", linestyle=":"))],
+                            styles=[("busiest expert / mean", "-"), ("idlest expert / mean", "--")]))
+    experts = {f"layer {i}": (*sc[f"moe/layer{i}/ffn_experts_per_token"][:2], {"group": i}) for i in layers
+               if f"moe/layer{i}/ffn_experts_per_token" in sc}
+    if not experts and "progress/experts/tok" in sc:
+        experts = {"mean over layers": sc["progress/experts/tok"][:2]}
     if experts:
-        panels.append(("ffn experts per token", experts))
-    line_chart_png(path, panels)
+        ref = []
+        if model.get("budget_target_ffn_experts"):
+            ref.append((float(model["budget_target_ffn_experts"]),
+                        f"budget target {model['budget_target_ffn_experts']:g}"))
+        if model.get("moe_router_topk"):
+            ref.append((float(model["moe_router_topk"]), f"top-k = {model['moe_router_topk']} (no zero experts)"))
+        panels.append(Panel("FFN experts per token (zero experts excluded)", "experts per token", experts,
+                            ymin=0.0, logy=False, reference=ref, group_label="layer"))
+    scores = {t[len("eval/"):]: sc[t][:2] for t in sorted(sc) if t.startswith("eval/") and "_stderr" not in t
+              and all(0.0 <= v <= 1.0 for v in sc[t][1])}
+    if scores:
+        panels.append(Panel("Benchmark scores (lm_eval, python -m longcat_megatron.evaluate)",
+                            "score (0 to 1; brier_score: lower is better)", scores, ymin=0.0, logy=False))
+    return [p for p in panels if p.series]
+
+
+CSV_MAX_ROWS = 100_000
+
+
+def write_curves_csv(st: RunStatus, path: str, tags: list[str]) -> int:
+    """The curves as CSV: ``iteration`` and one column per TensorBoard tag (empty where a tag has no
+    value at that iteration); runs longer than CSV_MAX_ROWS iterations are thinned evenly (the last
+    kept). Returns the number of rows."""
+    import csv
+
+    values = {tag: dict(zip(*st.scalars[tag][:2])) for tag in tags if tag in st.scalars}
+    steps = sorted({s for v in values.values() for s in v})
+    if len(steps) > CSV_MAX_ROWS:
+        stride = -(-len(steps) // CSV_MAX_ROWS)
+        steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iteration", *values])
+        for step in steps:
+            w.writerow([step, *(repr(v[step]) if step in v else "" for v in values.values())])
+    os.replace(tmp, path)
+    return len(steps)
+
+
+def write_curves(st: RunStatus, path: str, csv_path: Optional[str] = None) -> bool:
+    """PNG of the run's curves (matplotlib, :func:`curve_panels`) and, with ``csv_path``, every
+    TensorBoard scalar of the run as CSV; False when there is nothing to plot."""
+    from longcat_megatron.plotting import plot_panels
+
+    if not st.scalars:
+        return False
+    cfg = _run_config(st.committed_path) if st.committed_path and os.path.isdir(st.committed_path) else {}
+    panels = curve_panels(st, cfg)
+    if not panels:
+        return False
+    title = f"{st.stage}" if st.stage != "-" else os.path.basename(st.run_dir)
+    if st.iteration is not None:
+        title += f"  |  iteration {st.iteration}" + (f"/{st.train_iters}" if st.train_iters else "")
+    plot_panels(path, panels, title=title, cols=2)
+    if csv_path:
+        write_curves_csv(st, csv_path, sorted(st.scalars))
     return True
 
 
@@ -276,7 +381,9 @@ def main(argv=None) -> int:
                                 description="Print where a training run stands and plot its curves.")
     p.add_argument("run_dir", help="the stage's checkpoint directory (CKPT_DIR / checkpoint.save)")
     p.add_argument("--png", default=None, help="where to write the curves (default: RUN_DIR/logs/curves.png)")
-    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--csv", default=None,
+                   help="where to write every logged scalar as CSV (default: the PNG's path with .csv)")
+    p.add_argument("--no-png", action="store_true", help="print only (no PNG, no CSV)")
     args = p.parse_args(argv)
     try:
         st = collect(args.run_dir)
@@ -286,9 +393,10 @@ def main(argv=None) -> int:
     print(render(st))
     if not args.no_png:
         path = args.png or os.path.join(args.run_dir, "logs", "curves.png")
+        csv_path = args.csv or os.path.splitext(path)[0] + ".csv"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if write_curves(st, path):
-            print(f"curves: {path}")
+        if write_curves(st, path, csv_path):
+            print(f"curves: {path} (values: {csv_path})")
         else:
             print("curves: nothing to plot (no TensorBoard scalars)")
     return 0

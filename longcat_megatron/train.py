@@ -89,6 +89,9 @@ def main(argv=None) -> int:
         return 0
 
     from longcat_megatron.training.loop import train
+    from longcat_megatron.training.progress import note_recipe
+
+    note_recipe([args.config, args.stage], stage + list(args.overrides))  # W&B config: the recipe labels
 
     p = cfg.parallel
     try:

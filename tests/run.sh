@@ -14,6 +14,13 @@ if [[ "${LONGCAT_SKIP_SLURM:-0}" != "1" ]]; then
         echo "[tests] SLURM could not be installed/started: SLURM tests will be skipped"
     fi
 fi
+# lm-evaluation-harness for tests/test_run_tracking.py: lm_eval itself plus exactly what its Hugging
+# Face path imports (~200 MB, ~10 s; `pip install .[eval]`, the full tree, is ~470 MB). CI requires
+# it (the test fails instead of skipping); LONGCAT_SKIP_LM_EVAL=1 opts out.
+if [[ "${LONGCAT_SKIP_LM_EVAL:-0}" != "1" ]]; then
+    bash tests/setup_eval.sh
+    export LONGCAT_REQUIRE_LM_EVAL=1
+fi
 start=$(date +%s)
 set +e
 python -m pytest -q -ra --durations=15 "$@"

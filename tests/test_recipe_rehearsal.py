@@ -37,8 +37,8 @@ STAGES = ["pretrain", "midtrain_32k", "midtrain_128k", "sft"]
 # Sequence lengths of the stages, scaled: 8k -> 64, 32k -> 128, 128k -> 256 (YaRN's original
 # context 32k -> 128, so the 128k stages extrapolate as the real ones do).
 SEQ = {"pretrain": 64, "midtrain_32k": 128, "midtrain_128k": 256, "sft": 256}
-ITERS = 3
-SAVE_AT = 2
+ITERS = 2
+SAVE_AT = 1
 OFF_ITERS = 2  # steps compared with both overlaps off
 BUCKET = 20000  # parameters per DDP bucket: several dense and expert buckets at these sizes
 
@@ -135,18 +135,8 @@ def _global_experts(model_chunks) -> list:
     return out
 
 
-def _build_checks(overrides: list[str]) -> dict:
-    from longcat_megatron import runtime
-    from longcat_megatron.config import load_config
-    from longcat_megatron.training.setup import build_model, build_optimizer
-
-    cfg = load_config(CONFIG_OF[overrides[0]], overrides[1:])
-    p = cfg.parallel
-    layout = runtime.initialize(tensor=p.tensor, pipeline=p.pipeline, context=p.context,
-                                expert=p.expert, num_experts=cfg.model.num_experts,
-                                seed=cfg.train.seed, backend=p.backend, expert_tensor=p.expert_tensor)
-    model = build_model(cfg, layout)
-    optimizer = build_optimizer(cfg, model)
+def _build_checks(model, optimizer) -> dict:
+    """The model and optimizer as training built them, before the first step."""
     same = []
     for name, fc1, fc2 in _global_experts(model):
         for i in range(fc1.shape[0]):
@@ -154,6 +144,26 @@ def _build_checks(overrides: list[str]) -> dict:
                 if (fc1[i] == fc1[j]).all() or (fc2[i] == fc2[j]).all():
                     same.append(f"{name}: experts {j} and {i}")
     return {"full_precision": _full_precision_problems(model, optimizer), "same_experts": same}
+
+
+def _train_with_build_checks(overrides: list[str], config: str) -> tuple[dict, dict]:
+    """``run_training``, with :func:`_build_checks` run where the loop has just built the model and
+    its optimizer (the training loop's own objects, no second build)."""
+    from longcat_megatron.training import loop
+    from tests.train_utils import run_training
+
+    build_optimizer, checks = loop.build_optimizer, {}
+
+    def checked(cfg, chunks):
+        optimizer = build_optimizer(cfg, chunks)
+        checks.update(_build_checks(chunks, optimizer))
+        return optimizer
+
+    loop.build_optimizer = checked
+    try:
+        return run_training(overrides, config), checks
+    finally:
+        loop.build_optimizer = build_optimizer
 
 
 CONFIG_OF = {}  # filled per process: the first override names the model family
@@ -175,8 +185,8 @@ def _rehearse(overrides: list[str], ckpt: str) -> dict:
     on = overrides[1:] + [f"checkpoint.save={ckpt}", f"checkpoint.save_interval={SAVE_AT}"]
     off = overrides[1:] + ["parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
                            "model.scmoe_overlap=false", f"train.exit_interval={OFF_ITERS}"]
-    out = {"build": _build_checks(overrides)}
-    out["on"] = run_training(on, config)
+    out = {}
+    out["on"], out["build"] = _train_with_build_checks(on, config)
     out["off"] = run_training(off, config)
     if dist.get_rank() == 0:
         for it in ckpt_io.list_iterations(ckpt):
@@ -188,7 +198,7 @@ def _rehearse(overrides: list[str], ckpt: str) -> dict:
     return out
 
 
-def _rehearse_family(cases: list, root: str) -> dict:
+def _rehearse_all(cases: list, root: str) -> dict:
     for model, path in CONFIGS.items():
         CONFIG_OF[model] = path
     return {name: _rehearse([model] + overrides, os.path.join(root, name))
@@ -234,10 +244,10 @@ def _check(name: str, results: list) -> None:
             assert r["resumed"]["weights"][k].equal(v), (name, rank, k)
 
 
-@pytest.mark.parametrize("model", ["lite", "flash"])
-def test_recipe_settings_rehearsed(model, sft_data, tmp_path):
-    """All four stages of one model family in one 4-process run (one start-up)."""
-    cases = [(f"{model}_{stage}", model, recipe_overrides(model, stage, sft_data)) for stage in STAGES]
-    results = run_distributed(_rehearse_family, 4, cases, str(tmp_path), timeout=900)
+def test_recipe_settings_rehearsed(sft_data, tmp_path):
+    """All 8 recipes (both models, four stages each) in one 4-process run (one start-up)."""
+    cases = [(f"{model}_{stage}", model, recipe_overrides(model, stage, sft_data))
+             for model in CONFIGS for stage in STAGES]
+    results = run_distributed(_rehearse_all, 4, cases, str(tmp_path), timeout=1200)
     for name, _, _ in cases:
         _check(name, [r[name] for r in results])

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from longcat_megatron.data.manifest import expand_paths
 from longcat_megatron.errors import UserInputError
 
 
@@ -16,7 +17,8 @@ class DataConfigError(UserInputError):
 @dataclass
 class DataConfig:
     # Indexed-dataset prefixes (``PREFIX.bin``/``PREFIX.idx``), optionally weighted as in Megatron-LM:
-    # ["corpusA"] or [0.7, "corpusA", 0.3, "corpusB"].
+    # ["corpusA"] or [0.7, "corpusA", 0.3, "corpusB"]. An entry may be a ``PREFIX.manifest.json``
+    # (written by ``data_tools.preprocess --finalize``): its datasets (longcat_megatron/data/manifest.py).
     paths: list = field(default_factory=list)
     # train/valid/test split of each prefix, in parts (Megatron-LM's --split).
     split: str = "98,2,0"
@@ -43,15 +45,24 @@ class DataConfig:
     check_eod: bool = True
 
     def prefixes(self) -> list[str]:
-        """The dataset prefixes in ``paths`` (weights dropped)."""
-        return [p for p in self.paths if isinstance(p, str)]
+        """The dataset prefixes in ``paths`` (weights dropped; manifests expanded)."""
+        if not self._well_formed():
+            return [p for p in self.paths if isinstance(p, str)]
+        return expand_paths(self.paths)[0]
 
     def weights(self) -> Optional[list[float]]:
-        """Blend weights, or None when ``paths`` has no weights."""
-        nums = [p for p in self.paths if not isinstance(p, str)]
-        if not nums:
-            return None
-        return [float(w) for w in nums]
+        """Blend weights, or None when ``paths`` has no weights (manifests expanded)."""
+        if not self._well_formed():
+            nums = [p for p in self.paths if not isinstance(p, str)]
+            return [float(w) for w in nums] or None
+        return expand_paths(self.paths)[1]
+
+    def _well_formed(self) -> bool:
+        """All prefixes, or [w1, prefix1, w2, prefix2, ...]."""
+        if all(isinstance(p, str) for p in self.paths):
+            return True
+        return len(self.paths) % 2 == 0 and all(not isinstance(w, str) for w in self.paths[0::2]) \
+            and all(isinstance(p, str) for p in self.paths[1::2])
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -64,8 +75,7 @@ class DataConfig:
                 "data.paths is empty: give indexed-dataset prefixes (made by "
                 f"`python -m {tool}`), or set data.mock=true for synthetic tokens"
             )
-        weights = self.weights()
-        if weights is not None and len(weights) != len(self.prefixes()):
+        if not self._well_formed():
             raise DataConfigError(
                 "data.paths mixes weights and prefixes unevenly: use [w1, prefix1, w2, prefix2, ...]"
             )

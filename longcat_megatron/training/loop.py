@@ -270,7 +270,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
                          cfg.logging.tensorboard_dir, cfg.logging.log_interval,
                          flops_per_token=partial(training_flops_per_token, cfg.model, cfg.data.seq_length),
                          world_size=dist.get_world_size(),
-                         peak_tflops=cfg.logging.peak_tflops or device_peak_tflops())
+                         peak_tflops=cfg.logging.peak_tflops or device_peak_tflops(), run_config=cfg)
     boot = ProgressLogger(rank == 0, t.train_iters, 0)
     boot.print(startup_block(cfg, layout, parameters_on_rank(model), load_dir, save_dir))
 
