@@ -41,11 +41,8 @@ set -euo pipefail
 _root="${LONGCAT_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)}"
 [ -f "$_root/longcat_megatron/evaluate.py" ] || _root="${SLURM_SUBMIT_DIR:-$PWD}"  # under sbatch: a spool copy
 [ -f "$_root/longcat_megatron/evaluate.py" ] || { echo "[evaluate] cannot find the repository: set LONGCAT_ROOT" >&2; exit 2; }
-LONGCAT_VENV="${LONGCAT_VENV:-$_root/.venv}"
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$LONGCAT_VENV/bin/python" ]; then
-    export VIRTUAL_ENV="$LONGCAT_VENV" PATH="$LONGCAT_VENV/bin:$PATH"
-fi
-export PYTHONPATH="$_root${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=launch/tool_env.sh
+source "$_root/launch/tool_env.sh"
 [ -n "$RUN_DIR" ] && [ -n "$TASKS" ] || { echo "[evaluate] set RUN_DIR and TASKS (see the top of launch/evaluate.sh)" >&2; exit 2; }
 
 args=(--load "$RUN_DIR" --tasks "$TASKS" --batch-size "$BATCH_SIZE")

@@ -44,12 +44,10 @@ set -euo pipefail
 _root="${LONGCAT_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)}"
 [ -f "$_root/data_tools/preprocess.py" ] || _root="${SLURM_SUBMIT_DIR:-$PWD}"  # under sbatch: a spool copy
 [ -f "$_root/data_tools/preprocess.py" ] || { echo "[preprocess] cannot find the repository: set LONGCAT_ROOT" >&2; exit 2; }
-LONGCAT_VENV="${LONGCAT_VENV:-$_root/.venv}"
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$LONGCAT_VENV/bin/python" ]; then
-    export VIRTUAL_ENV="$LONGCAT_VENV" PATH="$LONGCAT_VENV/bin:$PATH"
-fi
+# shellcheck source=launch/tool_env.sh
+source "$_root/launch/tool_env.sh"
 PYTHON="${PYTHON:-python}"
-export PYTHONPATH="$_root${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 mode=run
 case "${1:-}" in
