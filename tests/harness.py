@@ -33,6 +33,13 @@ def _worker(rank: int, world: int, port: int, env: dict, fn: Callable, args: tup
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
+        # The heavy imports, then gc.freeze(): megatron calls gc.collect() at every optimizer
+        # checkpoint, which otherwise walks the whole import-time heap (~0.4 s a call here).
+        import gc
+
+        import longcat_megatron.training.loop  # noqa: F401
+
+        gc.freeze()
         # Plain pickle (tensors inline), not torch's shared-memory reductions: the child may exit
         # before the parent reads the queue.
         result = pickle.dumps(fn(*args))

@@ -46,7 +46,7 @@ BUCKET = 20000  # parameters per DDP bucket: several dense and expert buckets at
 def _sizes(model: str) -> list[str]:
     """Width, depth and sizes of the scaled-down model (everything else as shipped)."""
     out = [
-        "model.num_layers=2", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+        "model.num_layers=1", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
         "model.vocab_size=512", "model.num_experts=8", "model.zero_expert_num=4",
         "model.moe_router_topk=4", "model.budget_target_ffn_experts=2.0",
         "model.moe_ffn_hidden_size=32", "model.q_lora_rank=32", "model.kv_lora_rank=16",
