@@ -21,6 +21,7 @@ from longcat_megatron.errors import UserInputError
 
 from longcat_megatron.data.config import DataConfig
 from longcat_megatron.model.config import ModelConfig
+from longcat_megatron.transfer import TransferConfig, validate_transfer
 
 
 class ConfigError(UserInputError):
@@ -186,6 +187,8 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # hyperparameter transfer by width scaling (longcat_megatron/transfer.py)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -316,8 +319,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Load a RunConfig from a YAML file plus ``section.field=value`` overrides, fully validated."""
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                check: bool = True) -> RunConfig:
+    """Load a RunConfig from a YAML file plus ``section.field=value`` overrides, fully validated
+    (``check=False``: field checks only, e.g. a cluster config read on a laptop)."""
     tree: dict = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -337,7 +342,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         cfg = _build(RunConfig, tree, "")
     except ConfigError as e:
         raise ConfigError(f"{e}{where}") from None
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -470,6 +476,7 @@ def validate(cfg: RunConfig) -> None:
         )
     cfg.data.validate()
     m.validate()
+    validate_transfer(cfg)  # hyperparameter transfer by width scaling
     ngram = getattr(m, "ngram", None)
     if ngram is not None:
         from longcat_megatron.data.tokenizer import resolve_eod_token_id

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from longcat_megatron.config import RunConfig
 from longcat_megatron.errors import UserInputError
 from longcat_megatron.runtime import Layout, resolve_layout
+from longcat_megatron.transfer import describe as describe_transfer
 
 
 @dataclass
@@ -215,6 +216,7 @@ def print_plan(cfg: RunConfig, world: int, gpu_memory_gb: float = 80.0, force: b
         print(f"    GPU: {usable_line(gpu_memory_gb, layout)}")
     for line in host_lines(cfg, layout, counts, world, force):
         print(line)
+    print("\n".join(describe_transfer(cfg)))  # hyperparameter transfer by width scaling
     print(f"  data: {'synthetic' if d.mock else d.paths} (seq {d.seq_length}); "
           f"checkpoints: {cfg.checkpoint.save or '-'}")
     print("  config OK" + (f" (plan fits {gpu_memory_gb:g} GB GPUs)" if p.backend != "gloo" and not warning else ""))

@@ -32,14 +32,19 @@ def transformer_config(
     bf16: bool = False,
     recompute: str = "none",
     recompute_num_layers: Optional[int] = None,
+    width_scale: float = 1.0,
 ):
     """megatron-core TransformerConfig for ``cfg`` with CPU-safe kernel choices (no fusions).
 
     The fused kernels are GPU-only optimisations; on CUDA with TransformerEngine they can be enabled
     later without changing numerics beyond rounding. ``recompute`` / ``recompute_num_layers`` are
     ``train.recompute`` / ``train.recompute_num_layers`` (see :func:`recompute_fields`).
+    ``width_scale`` is the hyperparameter-transfer multiplier s (``longcat_megatron.transfer``): the
+    hidden/output init std becomes ``init_method_std / sqrt(s)``, the embeddings' stays.
     """
     from megatron.core.transformer import TransformerConfig
+
+    from longcat_megatron.transfer import init_stds
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     kwargs = dict(
@@ -52,7 +57,7 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        init_method_std=cfg.init_method_std,
+        **init_stds(cfg.init_method_std, width_scale),
         attention_dropout=cfg.attention_dropout,
         hidden_dropout=cfg.hidden_dropout,
         tensor_model_parallel_size=tensor,

@@ -57,7 +57,7 @@ class MTPHead(MegatronModule):
         super().__init__(config=tf_config)
         self.sequence_parallel = sequence_parallel_size(tf_config) > 1
         self.embedding = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.hidden_size, init_method=tf_config.init_method,
+            cfg.vocab_size, cfg.hidden_size, init_method=tf_config.embedding_init_method,
             reduce_scatter_embeddings=self.sequence_parallel, config=tf_config)
         self.enorm = layer_norm(cfg, tf_config)
         self.hnorm = layer_norm(cfg, tf_config)

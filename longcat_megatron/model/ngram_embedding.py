@@ -235,9 +235,10 @@ class NgramEmbedding(MegatronModule):
 
     @torch.no_grad()
     def reset_ngram_parameters(self, seed: int) -> None:
-        """Normal(0, init_method_std) init of tables and projections. Every block of
+        """Normal(0, embedding_init_method_std) init of the tables, Normal(0, init_method_std) of the
+        projections (equal unless ``transfer`` scales the hidden std). Every block of
         INIT_BLOCK_ROWS global rows has its own seed, so the values do not depend on the sharding."""
-        std = self.config.init_method_std
+        std = self.config.embedding_init_method_std
         first = self.row_start // INIT_BLOCK_ROWS
         last = (self.row_end - 1) // INIT_BLOCK_ROWS
         for block in range(first, last + 1):
@@ -248,7 +249,7 @@ class NgramEmbedding(MegatronModule):
             self.ngram_tables[lo - self.row_start: hi - self.row_start].copy_(vals[lo - b0: hi - b0])
         for i, proj in enumerate(self.post_projs):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + 999_983 + i)
-            proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * std)
+            proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * self.config.init_method_std)
 
     # ----------------------------------------------------------------------------------- ids
     def compute_ngram_ids(self, input_ids: Tensor, ngram_context: Optional[Tensor] = None) -> Tensor:

@@ -52,7 +52,7 @@ class ZeroExpertRouter(KeepsFullPrecision, MegatronModule):
         self.topk = cfg.moe_router_topk
         self.layer_number = layer_number
         weight = torch.empty(self.num_total, cfg.hidden_size, dtype=torch.float32)
-        torch.nn.init.normal_(weight, mean=0.0, std=cfg.init_method_std)
+        torch.nn.init.normal_(weight, mean=0.0, std=tf_config.init_method_std)  # a hidden matrix
         self.weight = torch.nn.Parameter(weight)
         # Router sees only this rank's sequence shard under SP: all-reduce its grad over TP.
         setattr(self.weight, "sequence_parallel", bool(tf_config.sequence_parallel))

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from longcat_megatron import transfer
 from longcat_megatron.config import RunConfig
 from longcat_megatron.model.factory import build_model_chunk, transformer_config
 from longcat_megatron.runtime import Layout, use_cuda
@@ -25,6 +26,7 @@ def build_transformer_config(cfg: RunConfig, layout: Layout):
         bf16=cfg.optimizer.bf16,
         recompute=cfg.train.recompute,
         recompute_num_layers=cfg.train.recompute_num_layers,
+        width_scale=transfer.width_scale(cfg),
     )
     # Loss = sum over tokens / tokens in the global batch: identical for any DP/microbatch split.
     tf.calculate_per_token_loss = True
@@ -90,7 +92,8 @@ def sync_params(model_chunks: list) -> None:
 
 
 def build_optimizer(cfg: RunConfig, model_chunks: list):
-    """megatron-core Adam (distributed over data parallel when parallel.distributed_optimizer)."""
+    """megatron-core Adam (distributed over data parallel when parallel.distributed_optimizer);
+    with ``transfer`` on, per-class LR parameter groups (``transfer.optimizer_overrides``)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o = cfg.optimizer
@@ -108,7 +111,8 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(opt_cfg, model_chunks)
+    return get_megatron_optimizer(opt_cfg, model_chunks,
+                                  config_overrides=transfer.optimizer_overrides(cfg, opt_cfg))
 
 
 def build_scheduler(cfg: RunConfig, optimizer):
