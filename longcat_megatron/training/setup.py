@@ -9,6 +9,7 @@ import torch
 from longcat_megatron.config import RunConfig
 from longcat_megatron.model.factory import build_model_chunk, transformer_config
 from longcat_megatron.runtime import Layout, use_cuda
+from longcat_megatron.training import stability
 
 
 def build_transformer_config(cfg: RunConfig, layout: Layout):
@@ -66,7 +67,7 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=stability.ddp_checks_nan(cfg),  # off: non-finite steps are skipped
         bucket_size=cfg.parallel.ddp_bucket_size,
     )
     wrapped = [
@@ -107,6 +108,7 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        loss_scale=stability.optimizer_loss_scale(cfg),  # found_inf: skip non-finite updates
     )
     return get_megatron_optimizer(opt_cfg, model_chunks)
 
