@@ -14,7 +14,8 @@ Numerical faults (the stability guard's tests, training/stability.py), in the lo
 micro-batch of step ITER (``ITER`` may be a range ``A-B``):
 
 - ``nan_loss:ITER[:RANK]``: the loss becomes NaN (so do the gradients);
-- ``spike_loss:ITER[:RANK[:FACTOR]]``: the loss is multiplied by FACTOR (default 100).
+- ``spike_loss:ITER[:RANK[:FACTOR]]``: the loss is multiplied by FACTOR (default 100);
+- ``nan_grad:ITER[:RANK]``: the loss stays finite, its gradient is NaN (megatron's found_inf case).
 
 ``LONGCAT_FAULT_ONCE=PATH`` makes the injection happen only while PATH does not exist (it is created
 when the fault fires), so a requeued job runs clean.
@@ -78,7 +79,7 @@ def maybe_corrupt_loss(loss):
     """``loss`` as ``nan_loss`` / ``spike_loss`` ask for it in the step after the last noted one
     (:func:`note_progress`); unchanged otherwise."""
     spec = os.environ.get("LONGCAT_FAULT_INJECT", "")
-    if not spec.startswith(("nan_loss:", "spike_loss:")):
+    if not spec.startswith(("nan_loss:", "spike_loss:", "nan_grad:")):
         return loss
     parts = spec.split(":")
     first, _, last = parts[1].partition("-")
@@ -92,6 +93,14 @@ def maybe_corrupt_loss(loss):
             return loss
     if parts[0] == "nan_loss":
         return loss * float("nan")
+    if parts[0] == "nan_grad":
+        import torch
+
+        class NanGradient(torch.autograd.Function):  # identity forward, NaN backward
+            forward = staticmethod(lambda ctx, x: x.clone())
+            backward = staticmethod(lambda ctx, grad: grad * float("nan"))
+
+        return NanGradient.apply(loss)
     return loss * (float(parts[3]) if len(parts) > 3 else 100.0)
 
 

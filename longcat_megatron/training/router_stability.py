@@ -147,7 +147,8 @@ class RouterStability:
             total, lb = flat[offset:offset + n], flat[offset + n:offset + 2 * n] * scale
             offset += 2 * n
             lm = float(torch.linalg.vector_norm(total - lb))
-            per_layer[0, index] = float(torch.linalg.vector_norm(lb)) / lm if lm > 0 else math.inf
+            per_layer[0, index] = (float(torch.linalg.vector_norm(lb)) / lm if lm > 0
+                                   else math.nan if math.isnan(lm) else math.inf)
             per_layer[1, index] = p.cosine if p.cosine is not None else -math.inf
         per_layer = self._gather_stages(per_layer)
         return self._metrics(per_layer)

@@ -200,7 +200,8 @@ class StabilityGuard:
                          if i > iteration - self.t.instability_window]
         self._remember()
         limit = self.t.instability_limit
-        self.say(f"[stability] iteration {iteration}: {why}: update skipped; batch = samples "
+        self.say(f"[stability] iteration {iteration}: {why}: "
+                 f"{'update applied' if fatal else 'update skipped'}; batch = samples "
                  f"{start}..{start + step_batch - 1} of the global order (data position {start}); "
                  f"{len(self.unstable)} unstable step(s) in the last {self.t.instability_window} "
                  f"iterations (limit {limit or 'off'})")
