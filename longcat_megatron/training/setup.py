@@ -9,7 +9,6 @@ import torch
 from longcat_megatron.config import RunConfig
 from longcat_megatron.model.factory import build_model_chunk, transformer_config
 from longcat_megatron.runtime import Layout, use_cuda
-from longcat_megatron.training import stability
 
 
 def build_transformer_config(cfg: RunConfig, layout: Layout):
@@ -67,7 +66,8 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        check_for_nan_in_grad=stability.ddp_checks_nan(cfg),  # off: non-finite steps are skipped
+        # raises on a NaN gradient: off when training/stability.py skips non-finite steps instead
+        check_for_nan_in_grad=not cfg.train.skip_non_finite,
         bucket_size=cfg.parallel.ddp_bucket_size,
     )
     wrapped = [
@@ -108,7 +108,9 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
-        loss_scale=stability.optimizer_loss_scale(cfg),  # found_inf: skip non-finite updates
+        # a constant grad scaler of 1.0: megatron's found_inf check skips non-finite updates (bf16 and
+        # the distributed optimizer; training/stability.py)
+        loss_scale=1.0 if cfg.train.skip_non_finite and (o.bf16 or cfg.parallel.distributed_optimizer) else None,
     )
     return get_megatron_optimizer(opt_cfg, model_chunks)
 

@@ -6,10 +6,10 @@ Per step, before the optimizer (:meth:`StabilityGuard.step`):
   ``train.spike_window`` accepted losses, once 5 are known), skips the update: the optimizer is not
   stepped, exactly as megatron skips an overflowed fp16 step;
 * otherwise megatron's optimizer steps; with ``train.skip_non_finite`` its grad scaler is a
-  ``ConstantGradScaler(1.0)`` (``optimizer_loss_scale``), so bf16 and the distributed optimizer
+  ``ConstantGradScaler(1.0)`` (``training/setup.py``), so bf16 and the distributed optimizer
   check the main gradients for inf/NaN and skip the update themselves (``found_inf``, all-reduced by
-  megatron). Megatron DDP's ``check_for_nan_in_grad`` would raise first, so it is off then
-  (``ddp_checks_nan``). fp32 without the distributed optimizer (megatron's ``FP32Optimizer``) has no
+  megatron). Megatron DDP's ``check_for_nan_in_grad`` would raise first, so it is off then.
+  fp32 without the distributed optimizer (megatron's ``FP32Optimizer``) has no
   such check: a non-finite gradient norm there has already reached the weights and stops the run.
 
 A skipped step still counts as an iteration and consumes its batch (as in Megatron-LM); the LR
@@ -40,21 +40,6 @@ from typing import Callable, Optional
 EXIT_UNSTABLE = 77
 RECORD_FILE = "stability.json"  # in checkpoint.save: rollback skip ranges and instability stops
 _MIN_HISTORY = 5
-
-
-def optimizer_loss_scale(cfg) -> Optional[float]:
-    """megatron ``OptimizerConfig.loss_scale``: 1.0 (a constant grad scaler, whose found_inf check
-    skips non-finite updates) when ``train.skip_non_finite`` and megatron builds a mixed-precision
-    optimizer (bf16 or the distributed optimizer); else None (megatron's default)."""
-    if cfg.train.skip_non_finite and (cfg.optimizer.bf16 or cfg.parallel.distributed_optimizer):
-        return 1.0
-    return None
-
-
-def ddp_checks_nan(cfg) -> bool:
-    """megatron DDP ``check_for_nan_in_grad`` (raises on a NaN gradient): off when non-finite steps
-    are skipped instead."""
-    return not cfg.train.skip_non_finite
 
 
 def describe(cfg) -> str:
