@@ -24,7 +24,7 @@
 #                    visible from the first node (default: the stage's checkpoint directory, which a
 #                    multi-node job has on shared storage anyway; else /tmp)
 #   MAX_REQUEUES     stop requeueing after this many restarts (default 100)
-#   MAX_CRASH_REQUEUES  requeue a crashed or hung run (exit not 0/2/75) at most this many times per
+#   MAX_CRASH_REQUEUES  requeue a crashed or hung run (exit not 0/2/75/77) at most this many times per
 #                    job (default 3; 0 = never); a failure identical to the previous one (same reason,
 #                    same iteration) is never requeued. History: CKPT_DIR/.longcat-failures
 #   EXIT_DURATION_MINS  stop (saving) this many minutes after the job started; "auto" (default) =
@@ -212,6 +212,15 @@ failure; fix the cause and resubmit; it resumes from the last committed checkpoi
     return 0
 }
 
+# Exit 77 (training/stability.py): too many non-finite / loss-spike steps. Requeueing would only
+# repeat them: an operator must act. $1: the ranks' exit codes file; true (and says so) if a rank exited 77.
+lc_stopped_for_instability() {
+    grep -qx 77 "$1" 2>/dev/null || return 1
+    lc_log "training stopped for instability (exit 77: too many non-finite or loss-spike steps; the job \
+log's [stability] lines name the iterations, data positions and the last good checkpoint): not requeueing \
+(docs/operations.md, \"Loss spikes, non-finite steps and router stability\")"
+}
+
 # The failure signature of a run from the ranks' records (training/faults.py) and exit codes.
 lc_failure_signature() {
     local records="$1" codes="$2" rc="$3" first
@@ -348,6 +357,7 @@ lc_run_local() {
         break
     done
     local rank_codes; rank_codes="$(sort -u "$codes" 2>/dev/null | tr '\n' ' ')"
+    if lc_stopped_for_instability "$codes"; then rm -f "$codes" "$marker"; return 77; fi
     rm -f "$codes"
     if [ -e "$marker" ]; then
         rm -f "$marker"
@@ -431,6 +441,8 @@ processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
     elif [ -n "$LC_STOP_SIGNAL" ]; then
         lc_log "training ended with exit $rc after SIG$LC_STOP_SIGNAL; the last committed checkpoint will be resumed"
         requeue=1
+    elif lc_stopped_for_instability "$LONGCAT_EXIT_CODES"; then
+        rc=77
     elif grep -qx 2 "$LONGCAT_EXIT_CODES" 2>/dev/null; then
         lc_log "training stopped on a bad input (exit 2, message above): not requeueing"
     else

@@ -84,6 +84,18 @@ class TrainConfig:
     # message naming the parameters that differ. 0 = off (Megatron-LM's
     # --check-weight-hash-across-dp-replicas-interval).
     check_replicas_interval: int = 0
+    # stability guard (training/stability.py): a non-finite loss/gradient or a loss spike skips the
+    # update; instability_limit skipped steps within instability_window iterations stop the run
+    # (exit 77) or, with spike_rollback, restart from the last committed checkpoint skipping the
+    # unstable batches and spike_skip_batches more (at most spike_rollback_max times).
+    skip_non_finite: bool = True
+    spike_factor: float = 3.0  # guess: no source; a 3x jump over the recent median is never healthy
+    spike_window: int = 50     # guess: accepted losses whose median is the spike reference
+    instability_limit: int = 5  # guess: 0 = never stop
+    instability_window: int = 100  # guess
+    spike_rollback: bool = False
+    spike_skip_batches: int = 200  # guess: PaLM skipped "about 200-500 data batches" past a spike
+    spike_rollback_max: int = 3  # guess
 
 
 @dataclass
@@ -175,6 +187,11 @@ class LoggingConfig:
     wandb_entity: Optional[str] = None  # team or user (default: the API key's default entity)
     wandb_name: Optional[str] = None  # run name (default: the checkpoint directory's name)
     wandb_dir: Optional[str] = None  # where its wandb/ directory goes (default: checkpoint.save, else .)
+    # router stability (training/router_stability.py): R_g and expert cosine per MoE layer on
+    # logging steps; warn when R_g > grad_balance_bound for grad_balance_patience measured steps.
+    router_stability: bool = True
+    grad_balance_bound: float = 0.1  # reference §3.3: the LongCat team keeps R_g < 0.1
+    grad_balance_patience: int = 3  # guess
 
 
 @dataclass
@@ -444,6 +461,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.check_replicas_interval={t.check_replicas_interval} must be >= 0 "
                           "(0 = off)")
     validate_checkpoint(cfg.checkpoint)
+    validate_stability(t, cfg.logging)
     if p.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
     if t.global_batch_size % t.micro_batch_size:
@@ -500,6 +518,29 @@ def validate_checkpoint(c: CheckpointConfig) -> None:
     if c.fallback_on_corruption and not c.verify_on_load:
         raise ConfigError("checkpoint.fallback_on_corruption=true needs checkpoint.verify_on_load=true "
                           "(damage is found by the verification)")
+
+
+# ---- stability guard and router stability settings (training/stability.py, router_stability.py)
+def validate_stability(t: TrainConfig, lg: LoggingConfig) -> None:
+    """The ``train.*`` stability and ``logging.*`` router-stability settings."""
+    for name in ("spike_window", "instability_window", "spike_skip_batches"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1")
+    for name in ("instability_limit", "spike_rollback_max"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0 (0 = off)")
+    if t.spike_factor != 0 and t.spike_factor <= 1:
+        raise ConfigError(f"train.spike_factor={t.spike_factor} must be > 1 (a multiple of the recent "
+                          "median loss) or 0 (no spike detection)")
+    if t.instability_limit > t.instability_window:
+        raise ConfigError(f"train.instability_limit={t.instability_limit} exceeds "
+                          f"train.instability_window={t.instability_window}: it could never be reached")
+    if t.spike_rollback and not t.instability_limit:
+        raise ConfigError("train.spike_rollback=true needs train.instability_limit > 0 (the rollback "
+                          "happens when the limit is reached)")
+    if lg.grad_balance_bound <= 0 or lg.grad_balance_patience < 1:
+        raise ConfigError(f"logging.grad_balance_bound={lg.grad_balance_bound} must be > 0 and "
+                          f"logging.grad_balance_patience={lg.grad_balance_patience} >= 1")
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

@@ -59,6 +59,7 @@ class RunStatus:
     launches: Launches = field(default_factory=Launches)
     scalars: dict = field(default_factory=dict, repr=False)  # tag -> (steps, values, wall times)
     evaluation: Optional[dict] = None  # the latest RUN_DIR/eval/iter_*/scores.json (longcat_megatron.evaluate)
+    stability: dict = field(default_factory=dict)  # RUN_DIR/stability.json (training/stability.py)
 
     @property
     def eta_seconds(self) -> Optional[float]:
@@ -199,6 +200,9 @@ def collect(run_dir: str) -> RunStatus:
     if st.iteration is None:
         st.iteration = st.committed_iteration
     st.launches = read_events(os.path.join(run_dir, "logs", "events.log"))
+    from longcat_megatron.training.stability import read_records
+
+    st.stability = read_records(run_dir)
     scored = sorted(glob.glob(os.path.join(run_dir, "eval", "iter_*", "scores.json")))
     if scored:
         try:
@@ -248,7 +252,9 @@ def render(st: RunStatus) -> str:
     lines.append(f"launches: {la.starts} start(s), {la.requeues} requeue(s) (exit 75), "
                  f"{len(la.failures)} failure(s)")
     for when, rc, job in la.failures[-5:]:
-        lines.append(f"  failure: exit {rc} at {when} ({job})")
+        meaning = EXIT_MEANINGS.get(rc)
+        lines.append(f"  failure: exit {rc} at {when} ({job})" + (f": {meaning}" if meaning else ""))
+    lines += stability_lines(st)
     if la.last:
         lines.append(f"  last event: {la.last}")
     if st.evaluation:
@@ -260,6 +266,33 @@ def render(st: RunStatus) -> str:
         lines.append("tensorboard: none found (set logging.tensorboard_dir; the stage scripts default "
                      "it to CKPT_DIR/tensorboard)")
     return "\n".join(lines)
+
+
+EXIT_MEANINGS = {
+    2: "bad input (config, data or environment; the message is in the job log); not requeued",
+    76: "hang: the watchdog dumped the Python stacks (logs/hang-stacks-rank*.txt) and exited",
+    77: "stopped for instability: too many non-finite or loss-spike steps (the job log's [stability] "
+        "lines name iterations and data positions); not requeued: an operator must act",
+}
+
+
+def stability_lines(st: RunStatus) -> list:
+    """Router stability (latest R_g / expert cosine over the layers), rollbacks, instability stops."""
+    lines = []
+    for tag, name in (("grad_balance", "R_g (bound 0.1)"), ("expert_cosine", "expert cosine")):
+        latest = {k: v[1][-1] for k, v in st.scalars.items()
+                  if k.startswith("moe/layer") and k.endswith("/" + tag)}
+        if latest:
+            worst = max(latest, key=lambda k: latest[k])
+            lines.append(f"router {name}: max {latest[worst]:.3g} ({worst.split('/')[1]}), "
+                         f"mean {sum(latest.values()) / len(latest):.3g} over {len(latest)} layer(s)")
+    for r in (st.stability or {}).get("rollbacks", []):
+        lines.append(f"  rollback {r['number']}: iterations {r['skip_from']}..{r['skip_to']} skipped "
+                     f"({r['reason']})")
+    stops = (st.stability or {}).get("stops", [])
+    if stops:
+        lines.append(f"  instability stop at iteration {stops[-1]['iteration']}: {stops[-1]['message']}")
+    return lines
 
 
 def curve_panels(st: RunStatus, run_config: Optional[dict] = None) -> list:

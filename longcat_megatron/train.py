@@ -81,6 +81,9 @@ def main(argv=None) -> int:
         except bad_input as e:
             return _fail(str(e))
         print(f"  {data_ok}")
+        from longcat_megatron.training.stability import describe as describe_stability
+
+        print(describe_stability(cfg))
         from longcat_megatron.recipe import describe_batch_schedule, print_labels
 
         if describe_batch_schedule(cfg):

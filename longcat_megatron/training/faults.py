@@ -10,6 +10,13 @@ the iteration is ITER (on every rank, or only on RANK):
 - ``crash_after_step``: raise :class:`InjectedCrash` after step ITER (a software crash);
 - ``hang_after_step``: block forever after step ITER (a hung collective; the watchdog ends it).
 
+Numerical faults (the stability guard's tests, training/stability.py), in the loss of every
+micro-batch of step ITER (``ITER`` may be a range ``A-B``):
+
+- ``nan_loss:ITER[:RANK]``: the loss becomes NaN (so do the gradients);
+- ``spike_loss:ITER[:RANK[:FACTOR]]``: the loss is multiplied by FACTOR (default 100);
+- ``nan_grad:ITER[:RANK]``: the loss stays finite, its gradient is NaN (megatron's found_inf case).
+
 ``LONGCAT_FAULT_ONCE=PATH`` makes the injection happen only while PATH does not exist (it is created
 when the fault fires), so a requeued job runs clean.
 
@@ -65,6 +72,36 @@ def maybe_inject(point: str, iteration: int, rank: int) -> None:
     elif point == "hang_after_step":
         while True:
             time.sleep(3600)
+
+
+# ---- numerical faults (stability tests) ------------------------------------------------------------
+def maybe_corrupt_loss(loss):
+    """``loss`` as ``nan_loss`` / ``spike_loss`` ask for it in the step after the last noted one
+    (:func:`note_progress`); unchanged otherwise."""
+    spec = os.environ.get("LONGCAT_FAULT_INJECT", "")
+    if not spec.startswith(("nan_loss:", "spike_loss:", "nan_grad:")):
+        return loss
+    parts = spec.split(":")
+    first, _, last = parts[1].partition("-")
+    step = (_last_iteration[0] or 0) + 1
+    if not int(first) <= step <= int(last or first):
+        return loss
+    if len(parts) > 2 and parts[2] != "*":
+        import torch.distributed as dist
+
+        if int(parts[2]) != (dist.get_rank() if dist.is_initialized() else 0):
+            return loss
+    if parts[0] == "nan_loss":
+        return loss * float("nan")
+    if parts[0] == "nan_grad":
+        import torch
+
+        class NanGradient(torch.autograd.Function):  # identity forward, NaN backward
+            forward = staticmethod(lambda ctx, x: x.clone())
+            backward = staticmethod(lambda ctx, grad: grad * float("nan"))
+
+        return NanGradient.apply(loss)
+    return loss * (float(parts[3]) if len(parts) > 3 else 100.0)
 
 
 def note_progress(iteration: int) -> None:

@@ -23,7 +23,9 @@ from longcat_megatron.training import batch_schedule
 from longcat_megatron.training import checkpointing as ckpt
 from longcat_megatron.training import replica_check
 from longcat_megatron.training.checkpoint_lock import lock_save_dir
-from longcat_megatron.training.faults import install_failure_recorder, maybe_inject, note_progress
+from longcat_megatron.training.faults import (
+    install_failure_recorder, maybe_corrupt_loss, maybe_inject, note_progress,
+)
 from longcat_megatron.training.progress import ProgressLogger
 from longcat_megatron.training.setup import (
     build_model,
@@ -36,7 +38,9 @@ from longcat_megatron.training.setup import (
 from longcat_megatron.training.schedule import (
     group_schedule_values, restore_group_schedule_values, schedule_changes, schedule_definition,
 )
+from longcat_megatron.training.router_stability import RouterStability
 from longcat_megatron.training.signals import EXIT_REQUEUE, StopRequest, job_start_time
+from longcat_megatron.training.stability import StabilityGuard
 from longcat_megatron.training.watchdog import HangWatchdog
 
 
@@ -112,7 +116,7 @@ def forward_step(data_iterator, model):
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
-    loss = torch.sum(losses * mask)
+    loss = maybe_corrupt_loss(torch.sum(losses * mask))  # fault injection (tests); else unchanged
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss.detach(), num_tokens.detach().float()])
     return loss, num_tokens, {"lm loss": report}
@@ -361,6 +365,10 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     install_failure_recorder()
     watchdog = HangWatchdog(t.hang_timeout_mins, os.environ.get("LONGCAT_LOG_DIR") or save_dir or ".",
                             rank).start(state.iteration)
+    guard = StabilityGuard(cfg, save_dir, state, boot.print, rank)
+    probe = RouterStability(cfg.logging.router_stability, cfg.logging.log_interval,
+                            cfg.logging.grad_balance_bound, cfg.logging.grad_balance_patience,
+                            cfg.model.num_layers, boot.print)
     for m in model:
         m.train()
     while state.iteration < end_iter:
@@ -369,6 +377,10 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         optimizer.zero_grad()
         step_batch = batch_schedule.batch_at(state.consumed_train_samples, cfg.data.seq_length,
                                              t.global_batch_size, batches)
+        if guard.skip_rolled_back(data_iterator, step_batch // (t.micro_batch_size * layout.data), step_batch):
+            watchdog.beat(state.iteration)
+            continue
+        probe.arm(model, state.iteration + 1)
         reports = forward_backward(
             forward_step_func=forward_step,
             data_iterator=data_iterator,
@@ -380,7 +392,9 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         )
         if t.check_replicas_interval and (state.iteration + 1) % t.check_replicas_interval == 0:
             replica_check.check(model, state.iteration + 1)  # what this step's forward read
-        ok, grad_norm, _ = optimizer.step()
+        router_metrics = probe.collect()
+        loss = _global_loss(reports)
+        ok, grad_norm = guard.step(optimizer, loss, step_batch)  # megatron's step unless non-finite/spike
         if ok:
             scheduler.step(increment=1)
         for hook in model_hook(model, "on_train_step_end"):
@@ -389,13 +403,16 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
         state.consumed_train_samples += step_batch
         note_progress(state.iteration)
         watchdog.beat(state.iteration)
-        loss = _global_loss(reports)
         result.losses[state.iteration] = loss
         result.grad_norms[state.iteration] = float(grad_norm) if grad_norm is not None else float("nan")
         lr = optimizer.param_groups[0]["lr"]
         result.lrs[state.iteration] = lr
         log.step(state.iteration, {"loss": loss, "lr": lr, "grad_norm": result.grad_norms[state.iteration]},
-                 _metrics(model), tokens=state.consumed_train_samples * cfg.data.seq_length)
+                 {**_metrics(model), **router_metrics}, tokens=state.consumed_train_samples * cfg.data.seq_length)
+        unstable = guard.action(EXIT_REQUEUE)
+        if unstable:
+            result.exit_code, result.stop_reason = unstable
+            break
         if t.eval_interval and state.iteration % t.eval_interval == 0:
             val = evaluate(model, valid_factory, cfg, num_micro)
             if val is not None:
@@ -423,7 +440,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             result.exit_code = EXIT_REQUEUE
             result.stop_reason = reason
             break
-    if save_dir and last_saved != state.iteration:
+    if save_dir and last_saved != state.iteration and not guard.stopped:
         result.checkpoint = save()
     watchdog.beat()  # the wait for a background save below is not a step either
     if async_queue is not None:

@@ -68,7 +68,8 @@ def build_model(cfg: RunConfig, layout: Layout, wrap_ddp: bool = True) -> list:
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # raises on a NaN gradient: off when training/stability.py skips non-finite steps instead
+        check_for_nan_in_grad=not cfg.train.skip_non_finite,
         bucket_size=cfg.parallel.ddp_bucket_size,
     )
     wrapped = [
@@ -110,6 +111,9 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        # a constant grad scaler of 1.0: megatron's found_inf check skips non-finite updates (bf16 and
+        # the distributed optimizer; training/stability.py)
+        loss_scale=1.0 if cfg.train.skip_non_finite and (o.bf16 or cfg.parallel.distributed_optimizer) else None,
     )
     return get_megatron_optimizer(opt_cfg, model_chunks,
                                   config_overrides=transfer.optimizer_overrides(cfg, opt_cfg))
