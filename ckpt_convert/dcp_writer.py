@@ -116,6 +116,11 @@ class DCPWriter:
             with self._lock:
                 self.progress.update(chunk.numel() * chunk.element_size())
 
+    def tensor_keys(self) -> list[str]:
+        """The tensors added so far."""
+        with self._lock:
+            return list(self._tensors)
+
     def add_bytes(self, key: str, payload: bytes) -> None:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 

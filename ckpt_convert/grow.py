@@ -14,7 +14,8 @@ model is a copy of source layer
 Everything stored under a layer's key (``decoder.layers.N.``: weights, the expert bias, the budget
 controller's state, megatron's ``_extra_state``; ``optimizer.state.{param,exp_avg,exp_avg_sq}.
 decoder.layers.N.``: the fp32 main copy and Adam moments of megatron's ``fully_reshardable``
-format) is copied with its layer; everything else (embeddings, N-gram tables, MTP, final norm, head
+format; megatron's own stacked layers, ``decoder.layers.*`` with the layer as leading axis, slice by
+slice) is copied with its layer; everything else (embeddings, N-gram tables, MTP, final norm, head
 and their optimizer state) once. ``common.pt`` (iteration, LR scheduler, consumed samples, data
 fingerprint, schedule, param groups) is the source's, plus ``extra.grown_from``; only
 ``run_config.yaml``'s ``model.num_layers`` (and, when given, the pipeline layout) changes. One
@@ -40,6 +41,12 @@ ORDERS = ("stack", "interleave")
 # (``..._extra_state/shard_E_N``). Layer numbers are global (megatron renumbers them under PP).
 LAYER_KEY = re.compile(r"^(?P<pre>(?:optimizer\.state\.\w+\.)?decoder\.layers\.)(?P<layer>\d+)"
                        r"(?P<rest>[./].*)$")
+# megatron's own TransformerBlock (model.arch=gpt) stores its layers stacked instead: one key per
+# layer tensor with the (global) layer as the leading axis, ``decoder.layers.mlp.linear_fc1.weight``
+# [L, ...]; its objects carry the layer as the first offset/shape of the shard name
+# (``..._extra_state/shard_3_28``, ``shard_3.5_28.64`` for experts).
+STACKED_KEY = re.compile(r"^(?:optimizer\.state\.\w+\.)?decoder\.layers\.(?!\d+[./])")
+SHARD_NAME = re.compile(r"^(?P<key>.+)/shard_(?P<offset>\d+(?:\.\d+)*)_(?P<shape>\d+(?:\.\d+)*)$")
 BLOCK_BYTES = 256 * 2**20  # tensors are copied in blocks of rows of at most about this size
 GROW_EXTRA = "grown_from"  # the key of common.pt's ``extra`` that records the growth
 
@@ -167,13 +174,31 @@ def _grown_config(path: str, factor: int, pipeline: Optional[int], virtual_pipel
     return n, grown
 
 
+def _stacked_object(key: str):
+    """``(key, offsets, shape)`` of a stacked-layer object's shard name, else None."""
+    m = SHARD_NAME.match(key) if STACKED_KEY.match(key) else None
+    if m is None:
+        return None
+    return m["key"], [int(x) for x in m["offset"].split(".")], [int(x) for x in m["shape"].split(".")]
+
+
 def _layer_keys(reader, n: int, path: str) -> None:
-    """The checkpoint's layer keys number exactly the layers 0..n-1 of its run_config.yaml."""
+    """The checkpoint's layer keys (per layer or stacked) number exactly the layers 0..n-1 of its
+    run_config.yaml."""
     layers = {int(m["layer"]) for key in list(reader.tensors) + reader.objects()
               if (m := LAYER_KEY.match(key))}
-    if layers != set(range(n)):
-        found = f"{min(layers)}..{max(layers)} ({len(layers)} layers)" if layers else "none"
-        raise ConversionError(f"'{path}' holds decoder layers {found} but its run_config.yaml says "
+    depths = {info.shape[0] if info.shape else 0 for key, info in reader.tensors.items()
+              if STACKED_KEY.match(key)}
+    depths |= {obj[2][0] for key in reader.objects() if (obj := _stacked_object(key))}
+    problem = None
+    if not layers and not depths:
+        problem = "no decoder layers"
+    elif layers and layers != set(range(n)):
+        problem = f"decoder layers {min(layers)}..{max(layers)} ({len(layers)} layers)"
+    elif depths and depths != {n}:
+        problem = f"decoder layers stacked {sorted(depths)} deep"
+    if problem:
+        raise ConversionError(f"'{path}' holds {problem} but its run_config.yaml says "
                               f"model.num_layers={n}: the checkpoint and its config disagree")
 
 
@@ -235,17 +260,46 @@ def _blocks(shape: tuple, element_size: int):
         yield (lo,) + (0,) * (len(shape) - 1), (min(step, shape[0] - lo),) + tuple(shape[1:])
 
 
-def _targets(key: str, plan: GrowPlan) -> list[str]:
+def _copies(key: str, shape: tuple, element_size: int, plan: GrowPlan):
+    """How tensor ``key`` (of ``shape``) is grown: ``(source offsets, sizes, grown shape,
+    [(grown key, grown offsets), ...])`` per block read (each block read once, written per copy)."""
     m = LAYER_KEY.match(key)
-    if m is None:
+    if m is not None:
+        targets = [f"{m['pre']}{j}{m['rest']}"
+                   for j in target_layers(int(m["layer"]), plan.num_layers, plan.factor, plan.order)]
+        for offsets, sizes in _blocks(shape, element_size):
+            yield offsets, sizes, shape, [(t, offsets) for t in targets]
+    elif STACKED_KEY.match(key):
+        grown = (plan.grown_layers,) + tuple(shape[1:])
+        for i in range(plan.num_layers):
+            for offsets, sizes in _blocks(tuple(shape[1:]), element_size):
+                yield ((i,) + offsets, (1,) + sizes, grown,
+                       [(key, (j,) + offsets)
+                        for j in target_layers(i, plan.num_layers, plan.factor, plan.order)])
+    else:
+        for offsets, sizes in _blocks(shape, element_size):
+            yield offsets, sizes, shape, [(key, offsets)]
+
+
+def _object_targets(key: str, plan: GrowPlan) -> list[str]:
+    """The names object ``key`` (megatron's ``_extra_state`` of a layer, RNG states ...) is stored
+    under in the grown checkpoint."""
+    m = LAYER_KEY.match(key)
+    if m is not None:
+        return [f"{m['pre']}{j}{m['rest']}"
+                for j in target_layers(int(m["layer"]), plan.num_layers, plan.factor, plan.order)]
+    stacked = _stacked_object(key)
+    if stacked is None:
         return [key]
-    return [f"{m['pre']}{j}{m['rest']}"
-            for j in target_layers(int(m["layer"]), plan.num_layers, plan.factor, plan.order)]
+    name, offsets, shape = stacked
+    rest = "".join(f".{x}" for x in offsets[1:]), "".join(f".{x}" for x in shape[1:])
+    return [f"{name}/shard_{j}{rest[0]}_{plan.grown_layers}{rest[1]}"
+            for j in target_layers(offsets[0], plan.num_layers, plan.factor, plan.order)]
 
 
 def write_grown(plan: GrowPlan, out_root: str, workers: int = 1, progress=None) -> int:
     """Write the grown checkpoint of ``plan`` into ``out_root`` (``iter_N`` + tracker); returns the
-    number of tensors written."""
+    number of tensors written (stacked layers count once)."""
     import shutil
 
     import torch
@@ -258,23 +312,21 @@ def write_grown(plan: GrowPlan, out_root: str, workers: int = 1, progress=None) 
     os.makedirs(out_iter)
     writer = DCPWriter(out_iter, progress=progress)
 
-    def copy(key, info, targets, offsets, sizes):
+    def copy(key, offsets, sizes, grown_shape, targets):
         block = reader.read_region(key, offsets, sizes)  # read once, written to every copy
-        for target in targets:
-            writer.add_chunk(target, info.shape, offsets, block)
+        for target, at in targets:
+            writer.add_chunk(target, grown_shape, at, block)
 
-    tasks, written = [], 0
+    tasks = []
     for key, info in reader.tensors.items():
-        targets = _targets(key, plan)
-        written += len(targets)
         element_size = torch.empty((), dtype=info.dtype).element_size()
-        for offsets, sizes in _blocks(info.shape, element_size):
-            tasks.append(lambda k=key, i=info, t=targets, o=offsets, s=sizes: copy(k, i, t, o, s))
+        for piece in _copies(key, info.shape, element_size, plan):
+            tasks.append(lambda k=key, p=piece: copy(k, *p))
     try:
         run_tasks(tasks, workers)
         for key in reader.objects():
             data = reader.read_bytes(key)
-            for target in _targets(key, plan):
+            for target in _object_targets(key, plan):
                 writer.add_bytes(target, data)
         writer.finish(planner_data=reader.metadata.planner_data)
     finally:
@@ -282,7 +334,7 @@ def write_grown(plan: GrowPlan, out_root: str, workers: int = 1, progress=None) 
     shutil.copy(os.path.join(plan.source, "metadata.json"), os.path.join(out_iter, "metadata.json"))
     torch.save(plan.common, os.path.join(out_iter, "common.pt"))
     commit_checkpoint(out_root, plan.iteration, plan.run_cfg)
-    return written
+    return len(writer.tensor_keys())
 
 
 def grow(load: str, save: str, factor: int = 2, order: str = "stack", *,
@@ -300,7 +352,8 @@ def grow(load: str, save: str, factor: int = 2, order: str = "stack", *,
     plan = plan_growth(load, save, factor, order, iteration=iteration, pipeline=pipeline,
                        virtual_pipeline=virtual_pipeline, verify=verify)
     reader = TorchDistReader(plan.source)
-    nbytes = sum(info.nbytes * len(_targets(k, plan)) for k, info in reader.tensors.items())
+    nbytes = sum(info.nbytes * (plan.factor if LAYER_KEY.match(k) or STACKED_KEY.match(k) else 1)
+                 for k, info in reader.tensors.items())
     timings: dict = {}
     with atomic_output_dir(save, overwrite=plan.replace_empty, timings=timings) as tmp:
         with tqdm(total=nbytes, unit="B", unit_scale=True, desc="grow", disable=not progress,

@@ -250,3 +250,51 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(source, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "holds no committed checkpoint" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_stacked_layers_grow_slice_by_slice(tmp_path, monkeypatch):
+    """megatron's own TransformerBlock (model.arch=gpt) stacks its layers on a leading axis: a
+    synthetic 2-layer checkpoint of that form grown x3, in blocks smaller than a layer."""
+    import dataclasses
+
+    from ckpt_convert import grow as g
+    from ckpt_convert.dcp_reader import TorchDistReader
+    from ckpt_convert.dcp_writer import DCPWriter, commit_checkpoint
+    from longcat_megatron.config import RunConfig
+
+    root = tmp_path / "stacked"
+    it = root / "iter_0000005"
+    it.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"decoder.layers.mlp.linear_fc1.weight": torch.randn(2, 3, 4, generator=gen),
+               "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight": torch.randn(2, 3, 4, generator=gen),
+               "decoder.layers.mlp.experts.linear_fc2.weight": torch.randn(2, 4, 2, 2, generator=gen),
+               "embedding.word_embeddings.weight": torch.randn(5, 4, generator=gen)}
+    objects = {"decoder.layers.mlp.linear_fc1._extra_state/shard_0_2": b"a0",
+               "decoder.layers.mlp.linear_fc1._extra_state/shard_1_2": b"a1",
+               "decoder.layers.mlp.experts._extra_state/shard_1.3_2.4": b"e13", "rng_state/shard_0_1": b"r"}
+    writer = DCPWriter(str(it))
+    for key, t in tensors.items():
+        writer.add_chunk(key, t.shape, (0,) * t.dim(), t)
+    for key, data in objects.items():
+        writer.add_bytes(key, data)
+    writer.finish()
+    open(it / "metadata.json", "w").write('{"sharded_backend": "torch_dist"}')
+    torch.save({"iteration": 5, "optimizer": {}, "optimizer_format": "fully_reshardable"}, it / "common.pt")
+    cfg = RunConfig()
+    commit_checkpoint(str(root), 5, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=2)))
+
+    monkeypatch.setattr(g, "BLOCK_BYTES", 16)  # several blocks per layer slice
+    g.grow(str(root), str(tmp_path / "out"), 3, "stack")
+    out = TorchDistReader(str(tmp_path / "out" / "iter_0000005"))
+    for key, t in tensors.items():
+        if key.startswith("embedding"):
+            assert torch.equal(out.read(key), t)
+            continue
+        assert out.info(key).shape == (6,) + tuple(t.shape[1:])
+        for j in range(6):
+            assert torch.equal(out.read(key, (j,)), t[j % 2]), (key, j)
+    names = {k: out.read_bytes(k) for k in out.objects()}
+    assert names == {**{f"decoder.layers.mlp.linear_fc1._extra_state/shard_{j}_6": b"a%d" % (j % 2) for j in range(6)},
+                     **{f"decoder.layers.mlp.experts._extra_state/shard_{j}.3_6.4": b"e13" for j in (1, 3, 5)},
+                     "rng_state/shard_0_1": b"r"}
