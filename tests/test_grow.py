@@ -84,7 +84,9 @@ def _assert_layers_copied(src_root: str, out_root: str, order: str, objects: boo
 
     def copies(key):
         m = LAYER_KEY.match(key)
-        return {key} if m is None else {f"{m['pre']}{j}{m['rest']}" for j in target_layers(int(m["layer"]), 2, 2, order)}
+        if m is None:
+            return {key}
+        return {f"{m['pre']}{j}{m['rest']}" for j in target_layers(int(m["layer"]), 2, 2, order)}
 
     assert set(out.tensors) == set().union(*map(copies, src.tensors))
     kinds = set()
