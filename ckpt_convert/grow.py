@@ -111,9 +111,9 @@ def committed_source(load: str, iteration: Optional[int] = None) -> tuple[str, i
             raise ConversionError(f"--iteration {iteration} of '{load}' is not committed (the tracker "
                                   f"names {latest}); grow {latest} or an earlier iteration")
         path, latest = resolve_checkpoint_dir(load, iteration)
-    if not is_complete(path) or not os.path.isfile(os.path.join(path, MANIFEST)):
-        raise ConversionError(f"'{path}' is not a complete checkpoint (no {MANIFEST}); grow a "
-                              "committed checkpoint of a training run")
+    if not is_complete(path):
+        raise ConversionError(f"'{path}' is not a complete checkpoint (no {MANIFEST}, no "
+                              "run_config.yaml); grow a committed checkpoint of a training run")
     return path, latest
 
 
