@@ -190,6 +190,7 @@ class TorchDistReader:
                 self.tensors[key] = TensorInfo(key, tuple(md.size), md.properties.dtype)
         self._file_of_key: dict[str, set[str]] = {}
         self._raw: dict = {}  # storage index -> (absolute data offset, chunk shape) or None
+        self._object_storage: Optional[dict] = None  # object key -> its storage info (read_bytes)
         self._check_files()
 
     # ----------------------------------------------------------------------------------- checks
@@ -367,12 +368,15 @@ class TorchDistReader:
 
     def read_bytes(self, key: str) -> bytes:
         """The stored bytes of object ``key`` (verbatim)."""
-        for index, info in self.metadata.storage_data.items():
-            if index.fqn == key:
-                with open(os.path.join(self.path, info.relative_path), "rb") as f:
-                    f.seek(info.offset)
-                    return f.read(info.length)
-        raise ConversionError(f"object '{key}' is not in checkpoint '{self.path}'")
+        if self._object_storage is None:  # one pass over the index, not one per object
+            self._object_storage = {index.fqn: info for index, info in self.metadata.storage_data.items()
+                                    if index.fqn not in self.tensors}
+        info = self._object_storage.get(key)
+        if info is None:
+            raise ConversionError(f"object '{key}' is not in checkpoint '{self.path}'")
+        with open(os.path.join(self.path, info.relative_path), "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.length)
 
     def iter_tensors(self, keys: Optional[Sequence[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, full tensor)`` one at a time (for small checkpoints and tests)."""

@@ -20,7 +20,7 @@ import contextlib
 import os
 import pickle
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -116,6 +116,11 @@ class DCPWriter:
             with self._lock:
                 self.progress.update(chunk.numel() * chunk.element_size())
 
+    def tensor_keys(self) -> list[str]:
+        """The tensors added so far."""
+        with self._lock:
+            return list(self._tensors)
+
     def add_bytes(self, key: str, payload: bytes) -> None:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -149,3 +154,33 @@ class DCPWriter:
             handles, self._handles = self._handles, []
         for fh in handles:
             fh.close()
+
+
+def run_tasks(tasks: Sequence[Callable[[], None]], workers: int = 1) -> None:
+    """Run chunk-writing ``tasks`` (each reads one piece and adds it to a :class:`DCPWriter`) on
+    ``workers`` threads with the zip CRC-32 off; re-raises the first failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with zip_crc32_off():
+        if workers <= 1:
+            for task in tasks:
+                task()
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcp_writer") as pool:
+            for _ in pool.map(lambda task: task(), tasks):  # re-raises the first failure
+                pass
+
+
+def commit_checkpoint(root: str, iteration: int, run_cfg) -> None:
+    """Finish an offline-written ``root/iter_N`` the way a training save commits: its
+    ``run_config.yaml``, ``checksums.json`` from the digests the writer took (training verifies it),
+    then the tracker naming it. ``root`` is an ``atomic_output_dir``, whose rename publishes it."""
+    from ckpt_convert.dcp_reader import TRACKER
+    from longcat_megatron.config import save_config
+    from longcat_megatron.training.checkpoint_integrity import write_manifest
+
+    path = os.path.join(root, f"iter_{iteration:07d}")
+    save_config(run_cfg, os.path.join(path, "run_config.yaml"))
+    write_manifest(path)
+    with open(os.path.join(root, TRACKER), "w") as f:
+        f.write(f"{iteration}\n")

@@ -305,10 +305,9 @@ def write_direct(reader: HFCheckpointReader, cfg, skeleton_iter: str, out_iter: 
     number of tensors written. ``workers`` threads each read one tensor (one expert, one row block)
     and write it into their own ``.distcp`` files; memory is about ``workers`` such pieces."""
     import shutil
-    from concurrent.futures import ThreadPoolExecutor
 
     from ckpt_convert.dcp_reader import TorchDistReader
-    from ckpt_convert.dcp_writer import DCPWriter, zip_crc32_off
+    from ckpt_convert.dcp_writer import DCPWriter, run_tasks
     from ckpt_convert.layout import NO_HF_COUNTERPART
 
     skeleton = TorchDistReader(skeleton_iter)
@@ -352,14 +351,7 @@ def write_direct(reader: HFCheckpointReader, cfg, skeleton_iter: str, out_iter: 
         else:
             raise ConversionError(f"model tensor '{key}' has no HF source (converter and model disagree)")
     try:
-        with zip_crc32_off():
-            if workers <= 1:
-                for task in tasks:
-                    task()
-            else:
-                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="from_hf") as pool:
-                    for _ in pool.map(lambda task: task(), tasks):  # re-raises the first failure
-                        pass
+        run_tasks(tasks, workers)
         for key in skeleton.objects():
             writer.add_bytes(key, skeleton.read_bytes(key))
         writer.finish(planner_data=skeleton.metadata.planner_data)
@@ -383,10 +375,10 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
 
     from tqdm import tqdm
 
+    from ckpt_convert.dcp_writer import commit_checkpoint
     from ckpt_convert.parallel_launch import launch
-    from longcat_megatron.config import RunConfig, build_section, save_config
-    from longcat_megatron.training.checkpoint_integrity import write_manifest
-    from longcat_megatron.training.checkpointing import CONFIG_NAME, TRACKER, iteration_dir
+    from longcat_megatron.config import RunConfig, build_section
+    from longcat_megatron.training.checkpointing import iteration_dir
 
     reader = HFCheckpointReader(hf_dir)
     cfg = import_model_config(reader, model_overrides)
@@ -426,11 +418,7 @@ def convert(hf_dir: str, save: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
                 shutil.rmtree(skeleton, ignore_errors=True)
             run_cfg = build_section(RunConfig, tree, "")
             run_cfg.model = cfg
-            save_config(run_cfg, os.path.join(iteration_dir(tmp, 0), CONFIG_NAME))
-            # checksums.json from the digests the writer took while writing (training verifies it)
-            write_manifest(iteration_dir(tmp, 0))
-            with open(os.path.join(tmp, TRACKER), "w") as f:
-                f.write("0\n")
+            commit_checkpoint(tmp, 0, run_cfg)
     return {"bytes": nbytes, "seconds": time.perf_counter() - start, "world": world,
             "tensors": filled, "output": os.path.abspath(save),
             "workers": 1 if via_model else workers, "data_seconds": data_seconds,

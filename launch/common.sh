@@ -141,6 +141,10 @@ lc_init_from() {
     fi
 }
 
+# Model growth of a stage (GROW_FROM, GROW_FACTOR, GROW_ORDER, GROW_DIR): launch/grow.sh
+# shellcheck source=launch/grow.sh
+source "$(dirname "${BASH_SOURCE[0]}")/grow.sh"
+
 # Minutes in a SLURM duration (D-HH:MM:SS, HH:MM:SS or MM:SS); empty if unlimited/unknown.
 lc_slurm_minutes() {
     local left="$1" d=0 h=0 m=0 s=0
@@ -244,6 +248,7 @@ lc_main() {
     cd "$LONGCAT_ROOT" || lc_die "cannot cd to $LONGCAT_ROOT"
     [ -n "${CONFIG:-}" ] || lc_die "CONFIG is not set"
     [ -f "$CONFIG" ] || lc_die "config file '$CONFIG' does not exist (set CONFIG=...)"
+    [ -n "${GROW_FROM:-}" ] && lc_grow_stage "${1:-}"
     if [ "${1:-}" = --dry-run ]; then
         shift
         local nodes="${SLURM_JOB_NUM_NODES:-${NNODES:-1}}"

@@ -19,6 +19,7 @@
 #   SEQ_LENGTH, GLOBAL_BATCH, MICRO_BATCH, LR, MIN_LR, WARMUP_ITERS   empty = the stage file's value
 #   TP, PP, VPP, CP, EP, SEQUENCE_PARALLEL   parallel layout (empty = the files' value)
 #   DATA_PATHS, DATA_CACHE_DIR, TOKENIZER, SAVE_INTERVAL, TENSORBOARD_DIR (default CKPT_DIR/tensorboard)
+#   GROW_FROM, GROW_FACTOR, GROW_ORDER, GROW_DIR   start from a checkpoint grown deeper (launch/grow.sh)
 
 lc_stage() {  # $1 = stage (pretrain, midtrain_32k, midtrain_128k, sft), $2 = schedule style and $3 =
               # RoPE type without a stage file; CKPT_DIR must be set

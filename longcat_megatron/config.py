@@ -379,21 +379,13 @@ def validate(cfg: RunConfig) -> None:
             f"parallel.tensor={p.tensor} does not divide model.num_attention_heads="
             f"{m.num_attention_heads}; pick a tensor-parallel size that divides the head count"
         )
-    if m.num_layers % p.pipeline:
-        raise ConfigError(
-            f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}"
-        )
+    validate_pipeline(m, p)
     if m.arch == "gpt" and cfg.data.reset_attention_mask and cfg.data.seq_length > GPT_DENSE_MASK_LIMIT:
         raise ConfigError(
             f"data.reset_attention_mask=true with model.arch=gpt and data.seq_length="
             f"{cfg.data.seq_length}: megatron's GPTModel takes document masks as a dense [s, s] mask "
             f"(limited to seq_length <= {GPT_DENSE_MASK_LIMIT}); the LongCat model "
             "(model.arch=longcat) masks documents at any length"
-        )
-    if p.virtual_pipeline and m.num_layers % (p.pipeline * p.virtual_pipeline):
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline * "
-            f"parallel.virtual_pipeline = {p.pipeline * p.virtual_pipeline}"
         )
     if m.num_experts:
         if m.num_experts % p.expert:
@@ -508,6 +500,20 @@ def validate(cfg: RunConfig) -> None:
                 f"({source}): the N-gram hash would not reset at document boundaries; set "
                 f"model.ngram.eos_token_id={eod}"
             )
+
+
+def validate_pipeline(m, p: ParallelConfig) -> None:
+    """The pipeline layout vs the layer count (also what ``ckpt_convert.grow`` checks a grown depth
+    against): every (virtual) pipeline stage holds the same number of layers."""
+    if m.num_layers % p.pipeline:
+        raise ConfigError(
+            f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}"
+        )
+    if p.virtual_pipeline and m.num_layers % (p.pipeline * p.virtual_pipeline):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline * "
+            f"parallel.virtual_pipeline = {p.pipeline * p.virtual_pipeline}"
+        )
 
 
 def validate_checkpoint(c: CheckpointConfig) -> None:
