@@ -24,9 +24,13 @@
 #                    visible from the first node (default: the stage's checkpoint directory, which a
 #                    multi-node job has on shared storage anyway; else /tmp)
 #   MAX_REQUEUES     stop requeueing after this many restarts (default 100)
-#   MAX_CRASH_REQUEUES  requeue a crashed or hung run (exit not 0/2/75/77) at most this many times per
-#                    job (default 3; 0 = never); a failure identical to the previous one (same reason,
+#   MAX_CRASH_REQUEUES  requeue a crashed or hung run (exit not 0/2/75/77/78) at most this many times
+#                    per job (default 3; 0 = never); a failure identical to the previous one (same reason,
 #                    same iteration) is never requeued. History: CKPT_DIR/.longcat-failures
+#   MAX_SDC_REQUEUES requeue a run that detected silent data corruption (exit 78: a step computed
+#                    differently when replayed) at most this many times per job (default 3; 0 = never),
+#                    each time excluding the suspect node(s) (ExcNodeList). History:
+#                    CKPT_DIR/.longcat-sdc-requeues
 #   EXIT_DURATION_MINS  stop (saving) this many minutes after the job started; "auto" (default) =
 #                    the job's time limit minus STOP_MARGIN_MINS (default 15: one step + one save +
 #                    exit), 0 = off. The clock starts at SLURM's StartTime of this run
@@ -225,6 +229,95 @@ log's [stability] lines name the iterations, data positions and the last good ch
 (docs/operations.md, \"Loss spikes, non-finite steps and router stability\")"
 }
 
+# Exit 78 (the trainer's EXIT_SDC): silent data corruption, a step that a faulty GPU computed wrongly.
+# Every rank exits 78; the ranks append one line per suspect rank to $LONGCAT_SDC_FILE:
+# ITERATION<TAB>RANK<TAB>HOSTNAME<TAB>DESCRIPTION (HOSTNAME as `hostname -s`, which is taken to be the
+# SLURM node name). $1: the ranks' exit codes file, $2: that SDC file. True (and logs the suspects) if a
+# rank exited 78; sets LC_SDC_HOSTS to the suspect hosts (comma-separated, empty when none recorded).
+LC_SDC_HOSTS=""
+lc_stopped_for_sdc() {
+    grep -qx 78 "$1" 2>/dev/null || return 1
+    LC_SDC_HOSTS="$(cut -f3 "$2" 2>/dev/null | lc_merge_hostlist)"
+    lc_log "silent data corruption detected (exit 78: a step computed differently when replayed; \
+sdc.jsonl in the run directory has the details)"
+    local it rank host desc
+    while IFS=$'\t' read -r it rank host desc; do
+        lc_log "  suspect: rank $rank on host $host at iteration $it: $desc"
+    done < <(cat "$2" 2>/dev/null)
+    if [ -n "$LC_SDC_HOSTS" ]; then
+        lc_log "suspect host(s): $LC_SDC_HOSTS"
+    else
+        lc_log "no suspect host was recorded (${2:-LONGCAT_SDC_FILE} is empty)"
+    fi
+}
+
+# Host names (comma-separated lists as arguments, and/or one per line on stdin when no argument is
+# given) merged into one comma-separated list, each host once, in order. SLURM's "(null)" is empty.
+# Under SLURM hostlist expressions (node[01-03]) are expanded by `scontrol show hostnames`.
+lc_merge_hostlist() {
+    local lists
+    if [ "$#" -gt 0 ]; then lists="$(printf '%s,' "$@")"; else lists="$(tr '\n' ,)"; fi
+    lists="$(echo "$lists" | sed -e 's/(null)//g' -e 's/,,*/,/g' -e 's/^,//' -e 's/,$//')"
+    [ -n "$lists" ] || return 0
+    if command -v scontrol >/dev/null 2>&1; then
+        scontrol show hostnames "$lists" 2>/dev/null || echo "$lists" | tr , '\n'
+    else
+        echo "$lists" | tr , '\n'
+    fi | awk 'NF && !seen[$0]++' | paste -sd, -
+}
+
+# Record an SDC requeue of job $2 (restart $3) in HISTORY $1 (one line per requeue: job, restart,
+# iteration(s), suspect hosts) and decide whether to requeue (return 0) or not (1: this job already
+# had MAX_SDC_REQUEUES of them: corruption that follows the job from node to node is more likely a
+# bug than a faulty GPU). $4: the SDC file (for the iterations). Uses LC_SDC_HOSTS (lc_stopped_for_sdc).
+lc_sdc_decision() {
+    local history="$1" job="$2" restart="$3" max="${MAX_SDC_REQUEUES:-3}" count its
+    count="$(grep -c "^$job " "$history" 2>/dev/null)"; count="${count:-0}"
+    if [ "$count" -ge "$max" ]; then
+        lc_log "job $job already had $count silent-data-corruption requeue(s) (MAX_SDC_REQUEUES=$max): \
+not requeueing (exit 78; history in $history)"
+        return 1
+    fi
+    its="$(cut -f1 "$4" 2>/dev/null | awk 'NF && !seen[$0]++' | paste -sd, -)"
+    echo "$job $restart ${its:--} ${LC_SDC_HOSTS:--}" >> "$history"
+    if [ -n "$LC_SDC_HOSTS" ]; then
+        lc_log "requeueing after silent data corruption $(( count + 1 )) of at most $max (MAX_SDC_REQUEUES), \
+excluding suspect host(s) $LC_SDC_HOSTS"
+    else
+        lc_log "requeueing after silent data corruption $(( count + 1 )) of at most $max (MAX_SDC_REQUEUES) \
+without excluding any node (no suspect host recorded)"
+    fi
+    return 0
+}
+
+# Requeue this job (from its batch script) so that it never runs on HOSTS ($1, comma-separated) again;
+# exits 0 on success, returns 1 when `scontrol requeuehold` failed (the caller then requeues plainly).
+# Why this sequence (established on the test cluster's SLURM): `scontrol update ExcNodeList=` is refused
+# for a RUNNING job ("Job is no longer pending execution"), so the job is first requeued held, then
+# updated while PENDING (COMPLETING), then released. requeuehold SIGTERMs this batch script ("CANCELLED
+# DUE TO JOB REQUEUE"): with TERM ignored it survives until KillWait (often 30 s; 10 s on the test
+# cluster) ends, enough for the update and the release. The current ExcNodeList is read (and merged)
+# beforehand so that only the two scontrol calls fall into that window.
+lc_requeue_excluding() {
+    local current merged
+    current="$(scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2-)"
+    merged="$(lc_merge_hostlist "$current" "$1")"
+    trap '' TERM
+    if ! scontrol requeuehold "$SLURM_JOB_ID"; then
+        lc_log "scontrol requeuehold failed: requeueing without excluding $1"
+        trap - TERM
+        return 1
+    fi
+    if scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$merged"; then
+        lc_log "job $SLURM_JOB_ID requeued excluding node(s) $merged (ExcNodeList)"
+    else
+        lc_log "scontrol update ExcNodeList=$merged failed: the job is requeued WITHOUT excluding $1"
+    fi
+    scontrol release "$SLURM_JOB_ID" || lc_log "scontrol release failed: the job stays held; \
+release it by hand (scontrol release $SLURM_JOB_ID)"
+    exit 0
+}
+
 # The failure signature of a run from the ranks' records (training/faults.py) and exit codes.
 lc_failure_signature() {
     local records="$1" codes="$2" rc="$3" first
@@ -340,14 +433,16 @@ command again"
 }
 
 lc_run_local() {
-    local marker codes
+    local marker codes sdc
     marker="$(mktemp -u "${TMPDIR:-/tmp}/longcat-requeue.XXXXXX")"
     codes="$(mktemp -u "${TMPDIR:-/tmp}/longcat-exits.XXXXXX")"
+    sdc="$(mktemp -u "${TMPDIR:-/tmp}/longcat-sdc.XXXXXX")"
     lc_train_cmd "$@"
     [ -n "$LC_LOCAL_STOP" ] && lc_stopped_before_start
     lc_log "torchrun on this machine: $NPROC_PER_NODE processes, config $CONFIG"
     set -m   # job control for this one job only: torchrun gets a process group of its own (see above)
-    LONGCAT_REQUEUE_MARKER="$marker" LONGCAT_EXIT_CODES="$codes" "$PYTHON" -m torch.distributed.run --standalone \
+    LONGCAT_REQUEUE_MARKER="$marker" LONGCAT_EXIT_CODES="$codes" LONGCAT_SDC_FILE="$sdc" \
+        "$PYTHON" -m torch.distributed.run --standalone \
         --nproc-per-node="$NPROC_PER_NODE" $LC_TORCHRUN_SIGNAL_ARGS ${EXTRA_LAUNCHER_ARGS:-} --no-python "${LC_TRAIN[@]}" &
     LC_LOCAL_PID=$!
     set +m
@@ -362,8 +457,13 @@ lc_run_local() {
         break
     done
     local rank_codes; rank_codes="$(sort -u "$codes" 2>/dev/null | tr '\n' ' ')"
-    if lc_stopped_for_instability "$codes"; then rm -f "$codes" "$marker"; return 77; fi
-    rm -f "$codes"
+    if lc_stopped_for_instability "$codes"; then rm -f "$codes" "$marker" "$sdc"; return 77; fi
+    if lc_stopped_for_sdc "$codes" "$sdc"; then   # no requeue loop here: the same GPU would run it again
+        lc_log "not rerunning (exit 78): on a SLURM cluster the job would be requeued without the suspect \
+node(s)${LC_SDC_HOSTS:+ ($LC_SDC_HOSTS)}; here, check or avoid the suspect GPU(s) before running again"
+        rm -f "$codes" "$marker" "$sdc"; return 78
+    fi
+    rm -f "$codes" "$sdc"
     if [ -e "$marker" ]; then
         rm -f "$marker"
         lc_log "training stopped early after saving a checkpoint; run the same command again to resume"
@@ -400,7 +500,9 @@ lc_run_slurm() {
     # rank.sh appends each rank's non-zero exit code; training/faults.py each rank's failure reason
     export LONGCAT_EXIT_CODES="$marker_dir/.longcat-exits-$SLURM_JOB_ID-$restart"
     export LONGCAT_FAILURE_FILE="$marker_dir/.longcat-failure-$SLURM_JOB_ID-$restart"
-    rm -f "$LONGCAT_REQUEUE_MARKER" "$LONGCAT_EXIT_CODES" "$LONGCAT_FAILURE_FILE"
+    # ... and the suspect ranks of a silent data corruption (exit 78; lc_stopped_for_sdc)
+    export LONGCAT_SDC_FILE="$marker_dir/.longcat-sdc-$SLURM_JOB_ID-$restart"
+    rm -f "$LONGCAT_REQUEUE_MARKER" "$LONGCAT_EXIT_CODES" "$LONGCAT_FAILURE_FILE" "$LONGCAT_SDC_FILE"
     LC_COMMITTED_AT_START="$(lc_committed_iteration "${LC_CKPT_DIR:-/nonexistent}")"
     # The ranks get SIGUSR1 from SLURM directly (scancel --signal=USR1 reaches every process of the
     # step): torchrun keeps ignoring it, so no launcher shutdown countdown (30 s in older torchrun
@@ -443,6 +545,13 @@ processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
         lc_log "job is being terminated by SLURM (SIGTERM; exit $rc): not requeueing"
     elif [ -e "$LONGCAT_REQUEUE_MARKER" ] || [ "$rc" = 75 ]; then
         lc_log "training saved a checkpoint and stopped early (exit 75)"; requeue=1
+    elif lc_stopped_for_sdc "$LONGCAT_EXIT_CODES" "$LONGCAT_SDC_FILE"; then
+        if lc_sdc_decision "${LC_CKPT_DIR:-$marker_dir}/.longcat-sdc-requeues" "$SLURM_JOB_ID" "$restart" \
+                "$LONGCAT_SDC_FILE"; then
+            requeue=1
+        else
+            rc=78
+        fi
     elif [ -n "$LC_STOP_SIGNAL" ]; then
         lc_log "training ended with exit $rc after SIG$LC_STOP_SIGNAL; the last committed checkpoint will be resumed"
         requeue=1
@@ -463,13 +572,15 @@ processes, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, $(date -Is)"
             lc_log "not requeueing: resubmit to resume from the last committed checkpoint"
         fi
     fi
-    rm -f "$LONGCAT_REQUEUE_MARKER" "$LONGCAT_EXIT_CODES" "$LONGCAT_FAILURE_FILE"
+    rm -f "$LONGCAT_REQUEUE_MARKER" "$LONGCAT_EXIT_CODES" "$LONGCAT_FAILURE_FILE" "$LONGCAT_SDC_FILE"
     if [ "$requeue" = 1 ]; then
         if [ "$restart" -ge "${MAX_REQUEUES:-100}" ]; then
             lc_log "restart $restart reached MAX_REQUEUES=${MAX_REQUEUES:-100}: not requeueing"
             exit 75
         fi
         lc_log "requeueing job $SLURM_JOB_ID (it resumes from its latest checkpoint)"
+        # after a silent data corruption: without the suspect node(s) (exits, unless requeuehold failed)
+        [ -n "$LC_SDC_HOSTS" ] && lc_requeue_excluding "$LC_SDC_HOSTS"
         scontrol requeue "$SLURM_JOB_ID" || { lc_log "scontrol requeue failed"; exit 75; }
         exit 0
     fi

@@ -96,6 +96,18 @@ class TrainConfig:
     spike_rollback: bool = False
     spike_skip_batches: int = 200  # guess: PaLM skipped "about 200-500 data batches" past a spike
     spike_rollback_max: int = 3  # guess
+    # Deterministic kernels and collectives (training/determinism.py): the same seed gives bitwise
+    # the same run, at some speed cost. Needed by sdc_check_interval (a bitwise comparison).
+    deterministic: bool = False
+    # Silent-data-corruption detection (training/sdc.py). rerun_mode is megatron-core's rerun state
+    # machine: "validate_results" re-runs a step whose loss is non-finite; a result the re-run does
+    # not reproduce is a hardware fault (exit 78: the launcher requeues without the node), a
+    # reproduced one is numerics (the stability guard above). "disabled" or
+    # "report_determinism_stats" (every step runs twice; the log reports the differences).
+    rerun_mode: str = "disabled"
+    # Every N iterations replay micro-batch 0's forward and compare every module output bitwise
+    # with the step's own forward; a difference is exit 78. Needs deterministic=true. 0 = off.
+    sdc_check_interval: int = 0
 
 
 @dataclass
@@ -527,6 +539,9 @@ def validate_checkpoint(c: CheckpointConfig) -> None:
 
 
 # ---- stability guard and router stability settings (training/stability.py, router_stability.py)
+RERUN_MODES = ("disabled", "validate_results", "report_determinism_stats")
+
+
 def validate_stability(t: TrainConfig, lg: LoggingConfig) -> None:
     """The ``train.*`` stability and ``logging.*`` router-stability settings."""
     for name in ("spike_window", "instability_window", "spike_skip_batches"):
@@ -544,6 +559,14 @@ def validate_stability(t: TrainConfig, lg: LoggingConfig) -> None:
     if t.spike_rollback and not t.instability_limit:
         raise ConfigError("train.spike_rollback=true needs train.instability_limit > 0 (the rollback "
                           "happens when the limit is reached)")
+    if t.rerun_mode not in RERUN_MODES:
+        raise ConfigError(f"train.rerun_mode={t.rerun_mode!r} must be one of {', '.join(RERUN_MODES)}")
+    if t.sdc_check_interval < 0:
+        raise ConfigError(f"train.sdc_check_interval={t.sdc_check_interval} must be >= 0 (0 = off)")
+    if t.sdc_check_interval and not t.deterministic:
+        raise ConfigError(f"train.sdc_check_interval={t.sdc_check_interval} compares a replayed forward "
+                          "bitwise and needs train.deterministic=true (non-deterministic kernels would "
+                          "report faults that are not there)")
     if lg.grad_balance_bound <= 0 or lg.grad_balance_patience < 1:
         raise ConfigError(f"logging.grad_balance_bound={lg.grad_balance_bound} must be > 0 and "
                           f"logging.grad_balance_patience={lg.grad_balance_patience} >= 1")

@@ -273,6 +273,9 @@ EXIT_MEANINGS = {
     76: "hang: the watchdog dumped the Python stacks (logs/hang-stacks-rank*.txt) and exited",
     77: "stopped for instability: too many non-finite or loss-spike steps (the job log's [stability] "
         "lines name iterations and data positions); not requeued: an operator must act",
+    78: "silent data corruption detected: a step computed differently when replayed; the job is requeued "
+        "without the suspect node (sdc.jsonl in the run directory names rank, host, iteration); "
+        "MAX_SDC_REQUEUES",
 }
 
 

@@ -84,6 +84,9 @@ def main(argv=None) -> int:
         from longcat_megatron.training.stability import describe as describe_stability
 
         print(describe_stability(cfg))
+        from longcat_megatron.training.sdc import describe as describe_sdc
+
+        print(describe_sdc(cfg))
         from longcat_megatron.recipe import describe_batch_schedule, print_labels
 
         if describe_batch_schedule(cfg):
@@ -97,7 +100,10 @@ def main(argv=None) -> int:
     note_recipe([args.config, args.stage], stage + list(args.overrides))  # W&B config: the recipe labels
 
     p = cfg.parallel
+    from longcat_megatron.training import determinism
+
     try:
+        determinism.configure(cfg.train.deterministic)  # before any NCCL communicator exists
         layout = runtime.initialize(
             tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
             virtual_pipeline=p.virtual_pipeline, num_experts=cfg.model.num_experts,

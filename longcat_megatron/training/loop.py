@@ -23,8 +23,9 @@ from longcat_megatron.training import batch_schedule
 from longcat_megatron.training import checkpointing as ckpt
 from longcat_megatron.training import replica_check
 from longcat_megatron.training.checkpoint_lock import lock_save_dir
+from longcat_megatron.training import sdc
 from longcat_megatron.training.faults import (
-    install_failure_recorder, maybe_corrupt_loss, maybe_inject, note_progress,
+    install_bit_flip, install_failure_recorder, maybe_corrupt_loss, maybe_inject, note_progress,
 )
 from longcat_megatron.training.progress import ProgressLogger
 from longcat_megatron.training.setup import (
@@ -117,6 +118,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
     loss = maybe_corrupt_loss(torch.sum(losses * mask))  # fault injection (tests); else unchanged
+    sdc.validate_loss(loss)  # megatron's rerun state machine (train.rerun_mode)
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss.detach(), num_tokens.detach().float()])
     return loss, num_tokens, {"lm loss": report}
@@ -235,6 +237,9 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
 
     p, t = cfg.parallel, cfg.train
     if layout is None:
+        from longcat_megatron.training import determinism
+
+        determinism.configure(t.deterministic)  # before any NCCL communicator exists
         layout = runtime.initialize(
             tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
             virtual_pipeline=p.virtual_pipeline, num_experts=cfg.model.num_experts,
@@ -250,6 +255,7 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     rank = dist.get_rank()
 
     model = build_model(cfg, layout)
+    install_bit_flip(model)  # fault injection (SDC tests); else nothing
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     tf_config = model[0].config
@@ -335,7 +341,9 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
     state.schedule = schedule_now
 
     iterators, valid_factory = _build_iterators(cfg, layout, state.consumed_train_samples)
-    data_iterator = iterators[0] if len(iterators) == 1 else iterators
+    raw_iterator = iterators[0] if len(iterators) == 1 else iterators  # what a rollback skips over
+    corruption = sdc.SdcGuard(cfg, model, save_dir, rank, boot.print)
+    data_iterator = corruption.wrap(iterators)  # for the rerun state machine and the replay check
     forward_backward = get_forward_backward_func()
     stop = StopRequest(t.exit_signal_handler, t.exit_duration_mins, started_at=job_start_time())
     async_queue = None
@@ -371,25 +379,46 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
                             cfg.model.num_layers, boot.print)
     for m in model:
         m.train()
+    sdc_fault = None
     while state.iteration < end_iter:
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
         step_batch = batch_schedule.batch_at(state.consumed_train_samples, cfg.data.seq_length,
                                              t.global_batch_size, batches)
-        if guard.skip_rolled_back(data_iterator, step_batch // (t.micro_batch_size * layout.data), step_batch):
+        if guard.skip_rolled_back(raw_iterator, step_batch // (t.micro_batch_size * layout.data), step_batch):
             watchdog.beat(state.iteration)
             continue
         probe.arm(model, state.iteration + 1)
-        reports = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=data_iterator,
-            model=model if len(model) > 1 else model[0],
-            num_microbatches=step_batch // (t.micro_batch_size * layout.data),
-            seq_length=cfg.data.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=False,
-        )
+
+        def run_forward_backward(iterator=data_iterator, num_microbatches=step_batch // (t.micro_batch_size * layout.data),
+                                 forward_only=False):
+            return forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=iterator,
+                model=model if len(model) > 1 else model[0],
+                num_microbatches=num_microbatches,
+                seq_length=cfg.data.seq_length,
+                micro_batch_size=t.micro_batch_size,
+                forward_only=forward_only,
+            )
+
+        def replay(batches: list):
+            # megatron's interleaved schedule needs >= PP micro-batches: repeat micro-batch 0
+            n = layout.pipeline if len(model) > 1 else 1
+            its = [iter([b] * n) for b in batches]
+            return run_forward_backward(its[0] if len(its) == 1 else its, n, forward_only=True)
+
+        def zero_grads():
+            for m in model:
+                m.zero_grad_buffer()
+            optimizer.zero_grad()
+
+        reports, sdc_fault = corruption.step(state.iteration + 1, data_iterator, run_forward_backward,
+                                             zero_grads, replay)
+        if sdc_fault:
+            result.exit_code, result.stop_reason = sdc.EXIT_SDC, sdc_fault
+            break
         if t.check_replicas_interval and (state.iteration + 1) % t.check_replicas_interval == 0:
             replica_check.check(model, state.iteration + 1)  # what this step's forward read
         router_metrics = probe.collect()
@@ -440,8 +469,10 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
             result.exit_code = EXIT_REQUEUE
             result.stop_reason = reason
             break
-    if save_dir and last_saved != state.iteration and not guard.stopped:
+    # Not after an instability stop or a detected fault: their state is not worth keeping.
+    if save_dir and last_saved != state.iteration and not guard.stopped and not sdc_fault:
         result.checkpoint = save()
+    corruption.close()
     watchdog.beat()  # the wait for a background save below is not a step either
     if async_queue is not None:
         ckpt.finalize_async_saves(async_queue, blocking=True)

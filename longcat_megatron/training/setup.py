@@ -30,6 +30,9 @@ def build_transformer_config(cfg: RunConfig, layout: Layout):
     )
     # Loss = sum over tokens / tokens in the global batch: identical for any DP/microbatch split.
     tf.calculate_per_token_loss = True
+    # megatron's own deterministic paths (vocab-parallel embedding backward, TE attention); the
+    # process-wide settings are training/determinism.py's.
+    tf.deterministic_mode = cfg.train.deterministic
     return tf
 
 
