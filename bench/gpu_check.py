@@ -37,6 +37,11 @@ Steps (``--skip`` names; each check is a row, the command exits 1 if any fails):
    query chunks of each rank of an emulated CP=2) and a Lite-width MLA block's output, input and
    weight gradients agree (bf16: 2e-2); kernel calls; fwd+bwd ms of both paths. On CPU the kernel
    is the stand-in ``attention.varlen_reference`` (the dispatch must refuse varlen there).
+7. determinism: ``train.deterministic=true`` (training/determinism.py: torch deterministic algorithms,
+   not warn-only) with the silent-data-corruption replay every step and megatron's rerun state
+   machine: two tiny runs bitwise equal (losses, gradient norms), no false alarm (exit 0); then the
+   Lite-width layer of step 4 again in deterministic mode: its step time against step 4's (the
+   speed cost of ``train.deterministic``), or the op that has no deterministic CUDA kernel.
 
 Without megatron-core installed, the script makes a venv in ``.whl/venv-pyXY`` that sees this
 machine's torch (``--system-site-packages``), installs the wheels of ``.whl/`` into it with
@@ -75,7 +80,7 @@ SIZES = {
     "cpu": dict(steps=3, more=2, seq=128, experts=8, zero_experts=4, iters=2, warmup=1,
                 conversations=8),
 }
-STEPS = ("train", "export", "wrapper", "layer", "documents", "varlen")
+STEPS = ("train", "export", "wrapper", "layer", "documents", "varlen", "determinism")
 LITE_CONFIG = os.path.join(ROOT, "configs", "longcat_flash_lite.yaml")
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny_longcat_ngram.yaml")
 
@@ -636,6 +641,41 @@ def bench_layer(size: dict, cpu: bool, bf16: bool) -> dict:
     return row
 
 
+# ---- 7. deterministic mode: bitwise runs, no SDC false alarm, the layer's speed cost ------------------
+def check_determinism(size: dict, cpu: bool, bf16: bool, layer_rows: list) -> list:
+    """Two runs with ``train.deterministic`` + the SDC replay every step bitwise equal and clean;
+    the layer bench in deterministic mode against the default one."""
+    import torch
+
+    from longcat_megatron.training import determinism
+
+    overrides = _train_overrides(size, bf16) + ["train.deterministic=true", "train.sdc_check_interval=1",
+                                                "train.rerun_mode=validate_results"]
+    t0 = time.perf_counter()
+    try:
+        a, b = _train(overrides), _train(overrides)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    ok = a.exit_code == b.exit_code == 0 and a.losses == b.losses and a.grad_norms == b.grad_norms
+    rows = [dict(name=f"train.deterministic: two {size['steps'] + size['more']}-step runs bitwise, SDC replay "
+                      "every step", ok=ok, seconds=time.perf_counter() - t0,
+                 detail=f"exit {a.exit_code}/{b.exit_code} ({a.stop_reason or 'no fault reported'}); losses "
+                        f"{'equal' if a.losses == b.losses else 'differ'}, grad norms "
+                        f"{'equal' if a.grad_norms == b.grad_norms else 'differ'}")]
+    base = next((r for r in layer_rows if r.get("step_ms")), None)
+    determinism.configure(True)
+    try:
+        row = bench_layer(size, cpu, bf16)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    row["name"] = "deterministic mode: Lite-width shortcut layer (speed cost)"
+    if row.get("step_ms") and base:
+        row["detail"] += f"; default mode {base['step_ms']:.1f} ms/step ({row['step_ms'] / base['step_ms'] - 1:+.1%})"
+    rows.append(row)
+    return rows
+
+
 # ---- 5. packed documents: DocumentMask vs dense mask -----------------------------------------------
 def check_documents(size: dict, cpu: bool, bf16: bool) -> dict:
     """One MLA block over packed documents: DocumentMask == its dense mask (output, input grad)."""
@@ -1003,9 +1043,10 @@ def main(argv=None) -> int:
                 name="export to HF + verify logits (CPU, fp32)", ok=False,
                 detail="not run: the train step left no checkpoint")])
         step("wrapper", wrapper_step)
-        step("layer", layer_step)
+        layered = step("layer", layer_step)
         step("documents", lambda: [check_documents(size, args.cpu, bf16)])
         step("varlen", lambda: check_varlen(size, args.cpu, bf16))
+        step("determinism", lambda: check_determinism(size, args.cpu, bf16, layered))
     table = write(final=True)
     print(table, flush=True)
     if not args.cpu and not args.no_docs:

@@ -60,6 +60,7 @@ class RunStatus:
     scalars: dict = field(default_factory=dict, repr=False)  # tag -> (steps, values, wall times)
     evaluation: Optional[dict] = None  # the latest RUN_DIR/eval/iter_*/scores.json (longcat_megatron.evaluate)
     stability: dict = field(default_factory=dict)  # RUN_DIR/stability.json (training/stability.py)
+    sdc: list = field(default_factory=list)  # RUN_DIR/sdc.jsonl (training/sdc.py): suspect ranks
 
     @property
     def eta_seconds(self) -> Optional[float]:
@@ -203,6 +204,10 @@ def collect(run_dir: str) -> RunStatus:
     from longcat_megatron.training.stability import read_records
 
     st.stability = read_records(run_dir)
+    if os.path.exists(os.path.join(run_dir, "sdc.jsonl")):  # (training/sdc.py imports torch: only then)
+        from longcat_megatron.training.sdc import read_records as read_sdc_records
+
+        st.sdc = read_sdc_records(run_dir)
     scored = sorted(glob.glob(os.path.join(run_dir, "eval", "iter_*", "scores.json")))
     if scored:
         try:
@@ -280,7 +285,8 @@ EXIT_MEANINGS = {
 
 
 def stability_lines(st: RunStatus) -> list:
-    """Router stability (latest R_g / expert cosine over the layers), rollbacks, instability stops."""
+    """Router stability (latest R_g / expert cosine over the layers), rollbacks, instability stops,
+    silent-data-corruption suspects."""
     lines = []
     for tag, name in (("grad_balance", "R_g (bound 0.1)"), ("expert_cosine", "expert cosine")):
         latest = {k: v[1][-1] for k, v in st.scalars.items()
@@ -295,6 +301,9 @@ def stability_lines(st: RunStatus) -> list:
     stops = (st.stability or {}).get("stops", [])
     if stops:
         lines.append(f"  instability stop at iteration {stops[-1]['iteration']}: {stops[-1]['message']}")
+    for r in st.sdc[-5:]:
+        lines.append(f"  silent data corruption at iteration {r['iteration']}: rank {r['rank']} on host "
+                     f"{r['host']} (job {r.get('job') or '-'}): {r['fault']}")
     return lines
 
 

@@ -20,7 +20,8 @@ ROWS = ["train 3 + save + resume 2", "export to HF", "bf16 Float16Module: routin
         "overlap_param_gather: every parameter", "5 steps with overlap_grad_reduce",
         "losses with both overlaps == both off", "Lite-width shortcut layer", "packed documents (8)",
         "per-document attention on cpu", "varlen == per-piece core attention",
-        "varlen vs per-piece: Lite-width MLA block"]
+        "varlen vs per-piece: Lite-width MLA block", "train.deterministic: two",
+        "deterministic mode: Lite-width shortcut layer"]
 AWAITING: dict = {}  # row -> why it must still fail (strict xfail); empty: every row passes
 
 

@@ -14,7 +14,9 @@ Checked for each recipe:
 * at build: every state meant to be full precision (routing state, rotary frequencies, the
   optimizer's main parameters) is fp32/fp64; the FFN experts are pairwise distinct over all EP ranks;
 * every step: the data-parallel and expert-data-parallel replicas of every parameter hold bitwise
-  the same values as the forward read them (``train.check_replicas_interval=1``);
+  the same values as the forward read them (``train.check_replicas_interval=1``), and the
+  silent-data-corruption replay of micro-batch 0 (``train.sdc_check_interval=1``, deterministic
+  mode, the shipped ``train.rerun_mode=validate_results``) finds no difference;
 * losses equal the same run with both overlaps off (the reduce buckets differ, so the gradient
   norm is summed in another order: relative 1e-5);
 * checkpoints saved (async, as shipped) while the run goes on; after a "kill" that leaves only the
@@ -82,6 +84,9 @@ def recipe_overrides(model: str, stage: str, data: dict) -> list[str]:
         f"data.seq_length={SEQ[stage]}", f"train.global_batch_size={gbs}",
         f"train.train_iters={ITERS}", "schedule.warmup_iters=1", "schedule.wsd_decay_iters=1",
         "logging.tensorboard_dir=null", "train.check_replicas_interval=1",
+        # the opt-in silent-data-corruption replay (needs deterministic mode) at the shipped settings:
+        # a false alarm under the overlaps, bf16 or expert parallelism would stop the run (exit 78)
+        "train.deterministic=true", "train.sdc_check_interval=1",
     ]
     if any(o.startswith("train.batch_schedule=") for o in staged):  # the raise, after step 1
         run.append(f"train.batch_schedule=['{gbs * SEQ[stage]}:{2 * gbs}']")

@@ -3,7 +3,7 @@
 
 * a clean run with the replay check every step and the rerun state machine validating every loss
   reports nothing and trains bitwise like the same run with both off (the checks do not change
-  training);
+  training); a PP2 run (the replay goes through megatron's pipeline schedule) is clean too;
 * a bit flipped once in rank 1's forward at iteration 3: the replay check finds it on rank 1 only,
   the run stops with exit 78 before the optimizer step, no checkpoint is written after iteration 2,
   and the fault is recorded with rank, host and iteration (sdc.jsonl, $LONGCAT_SDC_FILE);
@@ -30,6 +30,7 @@ CONFIG = os.path.join(ROOT, "configs", "tiny_longcat.yaml")
 BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=4",
         "schedule.warmup_iters=1", "train.deterministic=true"]
 CHECKS = ["train.sdc_check_interval=1", "train.rerun_mode=validate_results"]
+PP2 = ["parallel.tensor=1", "parallel.sequence_parallel=false", "parallel.pipeline=2"]
 
 
 def _run(overrides: list, fault: str = "", save: str | None = None):
@@ -57,8 +58,12 @@ def _job(tmp: str) -> dict:
     out["flip"] = _run(CHECKS, "bit_flip:3:1", save=flip_dir)
     out["transient"] = _run(["train.rerun_mode=validate_results"], "transient_nan:3:0", save=transient_dir)
     out["numerics"] = _run(["train.rerun_mode=validate_results"], "nan_loss:3")
+    out["pp2"] = _run(CHECKS + PP2)
     # read after the last run: its collectives mean every rank has written what it records
     out["flip_records"] = (read_tracker(flip_dir), read_records(flip_dir))
+    from longcat_megatron import status
+
+    out["status"] = status.render(status.collect(flip_dir))
     out["transient_records"] = read_records(transient_dir)
     out["hosts_file"] = open(os.environ["LONGCAT_SDC_FILE"]).read()
     return out
@@ -77,6 +82,12 @@ def test_clean_run_reports_nothing_and_trains_as_without_checks(runs):
         assert "[sdc]" not in checked[3]
 
 
+def test_replay_through_the_pipeline_schedule_is_clean(runs):
+    for r in runs:
+        code, iteration, losses, log = r["pp2"]
+        assert (code, iteration) == (0, 4) and "[sdc]" not in log
+
+
 def test_bit_flip_on_one_rank_is_found_by_the_replay_and_stops_with_78(runs):
     for r in runs:
         code, iteration, losses, _ = r["flip"]
@@ -86,6 +97,8 @@ def test_bit_flip_on_one_rank_is_found_by_the_replay_and_stops_with_78(runs):
         assert [(x["rank"], x["iteration"]) for x in records] == [(1, 3)]
         assert records[0]["host"] == socket.gethostname().split(".")[0]
         assert "replayed forward" in records[0]["fault"]
+    assert f"silent data corruption at iteration 3: rank 1 on host {socket.gethostname().split('.')[0]}" \
+        in runs[0]["status"]
     log = runs[0]["flip"][3]
     assert "silent data corruption detected at iteration 3 on rank(s) 1" in log
     host_lines = [line.split("\t") for line in runs[0]["hosts_file"].splitlines()]
@@ -118,3 +131,16 @@ def test_sdc_check_needs_deterministic_mode():
         load_config(CONFIG, ["train.sdc_check_interval=5"])
     with pytest.raises(ConfigError, match="train.rerun_mode"):
         load_config(CONFIG, ["train.rerun_mode=on"])
+
+
+def test_dry_run_lists_the_settings():
+    from longcat_megatron.train import main as train_main
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert train_main(["--config", CONFIG, "--dry-run", "--world-size", "2", *BASE, *CHECKS]) == 0
+    out = text.getvalue()
+    assert "determinism and silent-data-corruption detection:" in out
+    assert "deterministic: on (CUBLAS_WORKSPACE_CONFIG=:4096:8, NCCL_ALGO=Ring" in out
+    assert "rerun state machine: validate_results" in out
+    assert "replay check: every 1 iteration(s)" in out and "exit 78" in out

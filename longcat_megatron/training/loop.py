@@ -379,43 +379,42 @@ def train(cfg: RunConfig, layout: Optional[runtime.Layout] = None) -> TrainResul
                             cfg.model.num_layers, boot.print)
     for m in model:
         m.train()
-    sdc_fault = None
-    while state.iteration < end_iter:
+
+    def run_forward_backward(num_microbatches: int, iterator=data_iterator, forward_only: bool = False):
+        return forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterator,
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=num_microbatches,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def replay(batches: list):
+        """A forward-only pass over one micro-batch per model chunk (the SDC replay check); megatron's
+        interleaved schedule needs >= PP micro-batches: micro-batch 0 repeated."""
+        n = layout.pipeline if len(model) > 1 else 1
+        its = [iter([b] * n) for b in batches]
+        return run_forward_backward(n, its[0] if len(its) == 1 else its, forward_only=True)
+
+    def zero_grads():
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
+
+    sdc_fault = None
+    while state.iteration < end_iter:
+        zero_grads()
         step_batch = batch_schedule.batch_at(state.consumed_train_samples, cfg.data.seq_length,
                                              t.global_batch_size, batches)
-        if guard.skip_rolled_back(raw_iterator, step_batch // (t.micro_batch_size * layout.data), step_batch):
+        micro_batches = step_batch // (t.micro_batch_size * layout.data)
+        if guard.skip_rolled_back(raw_iterator, micro_batches, step_batch):
             watchdog.beat(state.iteration)
             continue
         probe.arm(model, state.iteration + 1)
-
-        def run_forward_backward(iterator=data_iterator, num_microbatches=step_batch // (t.micro_batch_size * layout.data),
-                                 forward_only=False):
-            return forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=iterator,
-                model=model if len(model) > 1 else model[0],
-                num_microbatches=num_microbatches,
-                seq_length=cfg.data.seq_length,
-                micro_batch_size=t.micro_batch_size,
-                forward_only=forward_only,
-            )
-
-        def replay(batches: list):
-            # megatron's interleaved schedule needs >= PP micro-batches: repeat micro-batch 0
-            n = layout.pipeline if len(model) > 1 else 1
-            its = [iter([b] * n) for b in batches]
-            return run_forward_backward(its[0] if len(its) == 1 else its, n, forward_only=True)
-
-        def zero_grads():
-            for m in model:
-                m.zero_grad_buffer()
-            optimizer.zero_grad()
-
-        reports, sdc_fault = corruption.step(state.iteration + 1, data_iterator, run_forward_backward,
-                                             zero_grads, replay)
+        reports, sdc_fault = corruption.step(state.iteration + 1, data_iterator,
+                                             partial(run_forward_backward, micro_batches), zero_grads, replay)
         if sdc_fault:
             result.exit_code, result.stop_reason = sdc.EXIT_SDC, sdc_fault
             break
