@@ -1,6 +1,7 @@
 """Print a LongCat model's parameter counts: total, by part, and the activated range per token.
 
     python -m longcat_megatron.model.summary --config configs/longcat_flash.yaml [model.x=y ...]
+    python -m longcat_megatron.model.summary --config configs/longcat_flash_lite.yaml --vanilla --expert-multiple 16
 
 The model is built on the meta device (no memory, no initialisation) in a single local process.
 With ``model.ngram`` the input embedding is the N-gram Embedding: its hashed sub-tables and their
@@ -129,6 +130,11 @@ def main(argv=None) -> int:
                     "total, by part, MTP head separately, and the activated range per token.")
     parser.add_argument("--config", required=True, help="run config YAML (its model: section is used)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=14")
+    parser.add_argument("--vanilla", action="store_true",
+                        help="also print the model's vanilla twin (its N-gram parameters as more FFN experts, "
+                             "same total: the Lite paper's control; model/vanilla.py) and compare the two")
+    parser.add_argument("--expert-multiple", type=int, default=1,
+                        help="with --vanilla: keep the twin's expert count a multiple of this (the EP size)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -145,11 +151,47 @@ def main(argv=None) -> int:
         print(f"error: {args.config}: model.arch is {cfg.arch!r}; this summary is for arch: longcat",
               file=sys.stderr)
         return 2
-    print(render(cfg, summarize(cfg)))
     from longcat_megatron import runtime
 
-    runtime.shutdown()
+    try:
+        twin = None
+        if args.vanilla:
+            from longcat_megatron.model.vanilla import vanilla_twin
+
+            twin = vanilla_twin(cfg, args.expert_multiple)
+        s = summarize(cfg)
+        print(render(cfg, s))
+        if twin is not None:
+            print("\nvanilla twin (the N-gram Embedding's parameters as FFN experts):")
+            t = summarize(twin)
+            print(render(twin, t))
+            print("\n" + compare(cfg, s, twin, t))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        runtime.shutdown()
     return 0
+
+
+def compare(cfg, s: dict, twin, t: dict) -> str:
+    """Model vs vanilla twin: experts, totals, N-gram share, activated range."""
+    def delta(a, b):
+        return f"{b / a - 1:+.2%}"
+
+    rows = [("FFN experts", f"{cfg.num_experts}", f"{twin.num_experts}", f"+{twin.num_experts - cfg.num_experts}"),
+            ("total", _b(s["total"]), _b(t["total"]), delta(s["total"], t["total"])),
+            ("N-gram share", f"{s['ngram'] / s['total']:.1%}", f"{t['ngram'] / t['total']:.1%}", ""),
+            ("activated (k=0)", _b(s["activated_min"]), _b(t["activated_min"]),
+             delta(s["activated_min"], t["activated_min"])),
+            (f"activated (k={cfg.moe_router_topk})", _b(s["activated_max"]), _b(t["activated_max"]),
+             delta(s["activated_max"], t["activated_max"]))]
+    if "activated_at_target" in s:
+        rows.append((f"activated (K_e={cfg.budget_target_ffn_experts:g})", _b(s["activated_at_target"]),
+                     _b(t["activated_at_target"]), delta(s["activated_at_target"], t["activated_at_target"])))
+    lines = [f"{'':<22} {'model':>12} {'vanilla twin':>13} {'change':>8}"]
+    lines += [f"{name:<22} {a:>12} {b:>13} {d:>8}" for name, a, b, d in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
