@@ -10,7 +10,9 @@
 * a NaN loss once on rank 0 at iteration 3 (a transient fault): megatron's rerun state machine re-runs
   the step, the re-run is clean: exit 78 naming rank 0;
 * a NaN loss at iteration 3 on every run of the step (numerics): the re-run reproduces it, no fault
-  is reported, the stability guard skips the update and the run finishes (exit 0).
+  is reported, the stability guard skips the update and the run finishes (exit 0);
+* both re-run cases again at the recipes' settings (bf16, distributed optimizer with both overlaps,
+  EP2 with DP2): the re-run and the steps after it run under the overlapped gathers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_si
         "schedule.warmup_iters=1", "train.deterministic=true"]
 CHECKS = ["train.sdc_check_interval=1", "train.rerun_mode=validate_results"]
 PP2 = ["parallel.tensor=1", "parallel.sequence_parallel=false", "parallel.pipeline=2"]
+SHIPPED = ["parallel.tensor=1", "parallel.sequence_parallel=false", "parallel.expert=2", "optimizer.bf16=true",
+           "parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+           "parallel.overlap_param_gather=true", "train.train_iters=5"]
 
 
 def _run(overrides: list, fault: str = "", save: str | None = None):
@@ -59,6 +64,9 @@ def _job(tmp: str) -> dict:
     out["transient"] = _run(["train.rerun_mode=validate_results"], "transient_nan:3:0", save=transient_dir)
     out["numerics"] = _run(["train.rerun_mode=validate_results"], "nan_loss:3")
     out["pp2"] = _run(CHECKS + PP2)
+    # the re-run at the recipes' settings: bf16, distributed optimizer, both overlaps, EP2, DP2
+    out["shipped_numerics"] = _run(["train.rerun_mode=validate_results"] + SHIPPED, "nan_loss:3")
+    out["shipped_transient"] = _run(["train.rerun_mode=validate_results"] + SHIPPED, "transient_nan:3:1")
     # read after the last run: its collectives mean every rank has written what it records
     out["flip_records"] = (read_tracker(flip_dir), read_records(flip_dir))
     from longcat_megatron import status
@@ -103,7 +111,8 @@ def test_bit_flip_on_one_rank_is_found_by_the_replay_and_stops_with_78(runs):
     assert "silent data corruption detected at iteration 3 on rank(s) 1" in log
     host_lines = [line.split("\t") for line in runs[0]["hosts_file"].splitlines()]
     host = socket.gethostname().split(".")[0]
-    assert [tuple(x[:3]) for x in host_lines] == [("3", "1", host), ("3", "0", host)]  # flip, transient
+    # the bit flip, the transient NaN, the transient NaN at the shipped settings
+    assert [tuple(x[:3]) for x in host_lines] == [("3", "1", host), ("3", "0", host), ("3", "1", host)]
 
 
 def test_transient_nan_is_rerun_by_megatrons_state_machine_and_is_a_fault(runs):
@@ -122,6 +131,16 @@ def test_reproduced_nan_is_numerics_left_to_the_stability_guard(runs):
         assert math.isnan(losses[3]) and not math.isnan(losses[4])
     assert "reproduced the non-finite loss" in runs[0]["numerics"][3]
     assert "SILENT DATA CORRUPTION" not in runs[0]["numerics"][3]
+
+
+def test_rerun_works_under_the_shipped_overlaps_and_expert_parallelism(runs):
+    for r in runs:
+        code, iteration, losses, _ = r["shipped_numerics"]  # re-run, update skipped, training goes on
+        assert (code, iteration) == (0, 5) and math.isnan(losses[3]) and not math.isnan(losses[5])
+        code, iteration, _, _ = r["shipped_transient"]
+        assert (code, iteration) == (78, 2)
+    assert "reproduced the non-finite loss" in runs[0]["shipped_numerics"][3]
+    assert "silent data corruption detected at iteration 3 on rank(s) 1" in runs[0]["shipped_transient"][3]
 
 
 def test_sdc_check_needs_deterministic_mode():
