@@ -250,7 +250,12 @@ def test_interrupted_cli_keeps_the_previous_output(tiny, tmp_path, sig):
     _, err = proc.communicate(timeout=60)
     writer.close()
     assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[sig], err
-    assert "Traceback" not in err
+    if sig == "SIGKILL":
+        # The CLI cannot print once killed; a worker still in multiprocessing's spawn bootstrap
+        # may report the parent's pipe closing (EOF) and exit. Nothing of ours may fail.
+        assert "data_tools" not in err and ("Traceback" not in err or "spawn_main" in err), err
+    else:
+        assert "Traceback" not in err
     assert file_digests(outdir) == before
     assert read_docs(out) == direct_ids(tiny, [GOOD[0]])
     assert len(run_dirs(outdir)) == (1 if sig == "SIGKILL" else 0)
