@@ -228,7 +228,8 @@ def import_model_config(reader: HFCheckpointReader, overrides: Optional[list[str
     for field in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
                   "num_experts", "zero_expert_num", "moe_ffn_hidden_size", "moe_router_topk",
                   "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                  "mtp_num_layers", "routed_scaling_factor", "rotary_base", "rope_type", "norm_epsilon"):
+                  "mtp_num_layers", "routed_scaling_factor", "rotary_base", "rope_type", "norm_epsilon",
+                  "per_layer_embedding"):
         if getattr(new, field) != getattr(cfg, field):
             raise ConversionError(f"--model-override model.{field}: it is fixed by {source} "
                                   f"({getattr(cfg, field)!r})")

@@ -152,6 +152,16 @@ def copy_tokenizer(src: str, out_dir: str) -> list[str]:
     return copied
 
 
+def refuse_per_layer_embedding(cfg, where: str) -> None:
+    """No Hugging Face model holds per-layer embeddings (docs/ngram.md): refuse before writing."""
+    kind = getattr(cfg, "per_layer_embedding", "none")
+    if kind != "none":
+        raise ConversionError(
+            f"{where}: model.per_layer_embedding={kind!r}: there is no Hugging Face format for "
+            "per-layer embeddings (transformers' LongcatFlash MLPs have an up projection), so this "
+            "checkpoint cannot be exported; only models with model.per_layer_embedding=none convert")
+
+
 def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenizer: Optional[str] = None,
             dtype: str = "auto", max_shard_size: str = "5GB", zero_expert_weights: bool = True,
             overwrite: bool = False, progress: bool = True, bos_token_id: int = 1,
@@ -163,6 +173,7 @@ def convert(load: str, output: str, *, iteration: Optional[int] = None, tokenize
 
     iter_dir, it = resolve_checkpoint_dir(load, iteration)
     cfg = load_model_config(iter_dir)
+    refuse_per_layer_embedding(cfg, iter_dir)
     reader = TorchDistReader(iter_dir)
     locator = CheckpointLocator(reader)
     cast = DTYPES.get(dtype) if dtype != "auto" else None

@@ -499,8 +499,9 @@ def validate(cfg: RunConfig) -> None:
     cfg.data.validate()
     m.validate()
     validate_transfer(cfg)  # hyperparameter transfer by width scaling
-    ngram = getattr(m, "ngram", None)
-    if ngram is not None:
+    for section, ngram in (("model.ngram", m.ngram), ("model.per_layer_ngram", m.layer_ngram())):
+        if ngram is None:
+            continue
         from longcat_megatron.data.tokenizer import resolve_eod_token_id
 
         eod = resolve_eod_token_id(cfg.data)
@@ -508,9 +509,9 @@ def validate(cfg: RunConfig) -> None:
             source = f"the EOS of data.tokenizer={cfg.data.tokenizer}" if cfg.data.tokenizer \
                 else "data.eod_token_id"
             raise ConfigError(
-                f"model.ngram.eos_token_id={ngram.eos_token_id} but documents end with token {eod} "
+                f"{section}.eos_token_id={ngram.eos_token_id} but documents end with token {eod} "
                 f"({source}): the N-gram hash would not reset at document boundaries; set "
-                f"model.ngram.eos_token_id={eod}"
+                f"{section}.eos_token_id={eod}"
             )
 
 

@@ -13,6 +13,7 @@ MoE), ``num_experts`` is ``n_routed_experts`` (FFN experts only), ``moe_router_t
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -24,6 +25,8 @@ from longcat_megatron.model.ngram_config import NgramConfig, check_ngram_rules
 ATTENTION_BACKENDS = ("sdpa", "eager")
 # Local FFN expert implementations (model/experts.py), one checkpoint layout for all.
 EXPERT_IMPLS = ("grouped", "sequential", "te")
+# model.per_layer_embedding (the dense MLPs' up projection replaced by a per-layer embedding).
+PER_LAYER_EMBEDDINGS = ("none", "ple", "plne")
 
 
 class ModelConfigError(UserInputError):
@@ -109,6 +112,12 @@ class ModelConfig:
     # N-gram Embedding (LongCat-Flash-Lite) as the input embedding; None = plain token embedding.
     # See longcat_megatron/model/ngram_config.py and docs/ngram.md.
     ngram: Optional[NgramConfig] = None
+    # Per-layer embeddings in the dense MLPs (arch longcat; docs/ngram.md "Per-layer embeddings"):
+    # "none", "ple" (SwiGLU up projection -> a per-layer token table [V, ffn_hidden_size]) or "plne"
+    # (-> a per-layer N-gram Embedding of width ffn_hidden_size, shaped by ``per_layer_ngram``).
+    per_layer_embedding: str = "none"
+    # The n-gram shape of "plne"; None: model.ngram's fields (amplification none).
+    per_layer_ngram: Optional[NgramConfig] = None
 
     @property
     def qk_head_dim(self) -> int:
@@ -141,6 +150,48 @@ class ModelConfig:
             self._validate_longcat()
         if self.ngram is not None:
             self._validate_ngram()
+        self._validate_per_layer_embedding()
+
+    def layer_ngram(self) -> Optional[NgramConfig]:
+        """The per-layer N-gram Embedding's config with ``per_layer_embedding: plne`` (the
+        ``per_layer_ngram`` section, else ``ngram``'s fields with amplification none); else None."""
+        if self.per_layer_embedding != "plne":
+            return None
+        if self.per_layer_ngram is not None:
+            return self.per_layer_ngram
+        if self.ngram is not None:
+            return dataclasses.replace(self.ngram, amplification="none")
+        return None
+
+    def _validate_per_layer_embedding(self) -> None:
+        kind = self.per_layer_embedding
+        if kind not in PER_LAYER_EMBEDDINGS:
+            raise ModelConfigError(f"model.per_layer_embedding={kind!r}: use one of "
+                                   f"{', '.join(PER_LAYER_EMBEDDINGS)}")
+        if kind == "none":
+            if self.per_layer_ngram is not None:
+                raise ModelConfigError("model.per_layer_ngram is set but model.per_layer_embedding="
+                                       "none: set model.per_layer_embedding=plne or remove "
+                                       "model.per_layer_ngram")
+            return
+        if self.arch != "longcat":
+            raise ModelConfigError(f"model.per_layer_embedding={kind!r} but model.arch={self.arch!r}: "
+                                   "per-layer embeddings are only wired into arch: longcat (set "
+                                   "model.per_layer_embedding=none)")
+        if kind == "ple" and self.per_layer_ngram is not None:
+            raise ModelConfigError("model.per_layer_ngram is set but model.per_layer_embedding=ple "
+                                   "(a plain token table): use plne or remove model.per_layer_ngram")
+        if kind == "plne":
+            layer_ngram = self.layer_ngram()
+            if layer_ngram is None:
+                raise ModelConfigError(
+                    "model.per_layer_embedding=plne needs the n-gram shape: add a "
+                    "model.per_layer_ngram section (ngram_vocab_size_ratio, emb_neighbor_num, "
+                    "emb_split_num, eos_token_id, partition) or a model.ngram section to inherit from")
+            for message in check_ngram_rules(layer_ngram, _Width(self.vocab_size, self.ffn_hidden_size),
+                                             section="model.per_layer_ngram",
+                                             width_field="model.ffn_hidden_size"):
+                warnings.warn(message, NgramRuleWarning, stacklevel=3)
 
     def _validate_ngram(self) -> None:
         """The paper's rules (``check_ngram_rules``): errors raise, warnings go to ``warnings.warn``
@@ -187,3 +238,11 @@ class ModelConfig:
             need(self.budget_target_ffn_experts is not None,
                  "model.device_lb_loss_coeff > 0 needs model.budget_target_ffn_experts (K_e)")
         need(self.z_loss_coeff >= 0, f"model.z_loss_coeff={self.z_loss_coeff} must be >= 0")
+
+
+@dataclass
+class _Width:
+    """(vocab_size, output width) for check_ngram_rules on the per-layer N-gram Embedding."""
+
+    vocab_size: int
+    hidden_size: int

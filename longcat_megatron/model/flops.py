@@ -46,8 +46,9 @@ def forward_flops_per_token(cfg, seq_length: int, experts_per_token: Optional[fl
         attn_lin = _mla_linear(cfg)
         core = _attention_core(cfg, seq_length, cfg.qk_head_dim, cfg.v_head_dim, causal)
         dense = 3 * h * cfg.ffn_hidden_size
+        layer_dense = _layer_dense_macs(cfg)
         router = (cfg.num_experts + cfg.zero_expert_num) * h
-        layer = 2 * (2 * attn_lin + 2 * dense) + 2 * router + 2 * k * 3 * h * expert_ffn + 2 * core
+        layer = 2 * (2 * attn_lin + 2 * layer_dense) + 2 * router + 2 * k * 3 * h * expert_ffn + 2 * core
         total = cfg.num_layers * layer + 2 * V * h
         if getattr(cfg, "ngram", None) is not None:
             from longcat_megatron.model.ngram_config import ngram_parameter_count
@@ -62,6 +63,20 @@ def forward_flops_per_token(cfg, seq_length: int, experts_per_token: Optional[fl
     mlp = 2 * k * 3 * h * expert_ffn + 2 * cfg.num_experts * h if cfg.num_experts else 2 * 3 * h * cfg.ffn_hidden_size
     layer = 2 * 4 * h * h + mlp + core
     return float(cfg.num_layers * layer + 2 * V * h)
+
+
+def _layer_dense_macs(cfg) -> int:
+    """Multiply-adds per token of one dense MLP of a shortcut layer: SwiGLU 3hF; with
+    ``model.per_layer_embedding`` gate + down 2hF, plus (plne) the per-layer projections."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    kind = getattr(cfg, "per_layer_embedding", "none")
+    if kind == "none":
+        return 3 * h * f
+    if kind == "ple":
+        return 2 * h * f
+    from longcat_megatron.model.ngram_config import ngram_parameter_count
+
+    return 2 * h * f + ngram_parameter_count(cfg.layer_ngram(), cfg.vocab_size, f)[1]
 
 
 def training_flops_per_token(cfg, seq_length: int, experts_per_token: Optional[float] = None) -> float:

@@ -26,6 +26,7 @@ from longcat_megatron.model.attention import LongcatMLA
 from longcat_megatron.model.config import ModelConfig
 from longcat_megatron.model.moe import ZeroExpertMoE
 from longcat_megatron.model.norm import RMSNorm
+from longcat_megatron.model.per_layer_embedding import PerLayerEmbeddingMLP, PerLayerInputs
 
 
 def dense_mlp(cfg: ModelConfig, tf_config) -> MLP:
@@ -50,19 +51,31 @@ class ShortcutLayer(MegatronModule):
         self.input_layernorm_0 = layer_norm(cfg, tf_config)
         self.self_attention_0 = LongcatMLA(cfg, tf_config)
         self.pre_mlp_layernorm_0 = layer_norm(cfg, tf_config)
-        self.mlps_0 = dense_mlp(cfg, tf_config)
+        self.mlps_0 = self._dense(cfg, tf_config, 0)
         self.mlp = ZeroExpertMoE(cfg, tf_config, layer_number)
         self.input_layernorm_1 = layer_norm(cfg, tf_config)
         self.self_attention_1 = LongcatMLA(cfg, tf_config)
         self.pre_mlp_layernorm_1 = layer_norm(cfg, tf_config)
-        self.mlps_1 = dense_mlp(cfg, tf_config)
+        self.mlps_1 = self._dense(cfg, tf_config, 1)
+        self.per_layer = cfg.per_layer_embedding != "none"
 
-    def forward(self, x: torch.Tensor, rotary, attention_mask: Optional[torch.Tensor] = None):
+    def _dense(self, cfg: ModelConfig, tf_config, index: int):
+        """Dense MLP ``index`` (0/1): SwiGLU, or with ``model.per_layer_embedding`` the gate times
+        this MLP's own embedding of the tokens (init stream 1 + 2 * layer + index)."""
+        if cfg.per_layer_embedding == "none":
+            return dense_mlp(cfg, tf_config)
+        return PerLayerEmbeddingMLP(cfg, tf_config, stream=1 + 2 * self.layer_number + index)
+
+    def _mlp(self, mlp, x, per_layer: Optional[PerLayerInputs]):
+        return mlp(x, per_layer)[0] if self.per_layer else mlp(x)[0]
+
+    def forward(self, x: torch.Tensor, rotary, attention_mask: Optional[torch.Tensor] = None,
+                per_layer: Optional[PerLayerInputs] = None):
         a0 = x + self.self_attention_0(self.input_layernorm_0(x), rotary, attention_mask)
         u0 = self.pre_mlp_layernorm_0(a0)
         moe = self.mlp.dispatch_tokens(u0)              # dispatch in flight ...
-        b0 = a0 + self.mlps_0(u0)[0]
+        b0 = a0 + self._mlp(self.mlps_0, u0, per_layer)
         a1 = b0 + self.self_attention_1(self.input_layernorm_1(b0), rotary, attention_mask)
         moe = self.mlp.run_experts(moe)                 # ... joined; experts; combine in flight ...
-        y = a1 + self.mlps_1(self.pre_mlp_layernorm_1(a1))[0]
+        y = a1 + self._mlp(self.mlps_1, self.pre_mlp_layernorm_1(a1), per_layer)
         return y + self.mlp.combine_tokens(moe)         # ... joined

@@ -14,6 +14,10 @@ to ``[s, b, H]`` (sequence shards under SP). The n-gram hash resets after ``ngra
 (documents packed by the data tools end with EOS). The MTP head keeps its own plain embedding
 (HF ``model.mtp.embed_tokens``), as in the released checkpoints.
 
+Per-layer embeddings (``model.per_layer_embedding``: ple | plne): the dense MLPs multiply their gate
+by an embedding of the tokens (model/per_layer_embedding.py); ``forward`` hands ``input_ids`` to
+the decoder, which hashes them once for all its layers (every pipeline stage gets the tokens).
+
 Full activation recompute (``train.recompute: full``): ``LongcatBlock`` runs each of the first
 ``recompute_num_layers`` shortcut layers of the chunk through megatron's ``tensor_parallel.checkpoint``
 (RNG states restored, so dropout matches). With the "sdpa" attention backend a dense attention mask
@@ -50,6 +54,7 @@ from longcat_megatron.model.layer import ShortcutLayer, layer_norm
 from longcat_megatron.model.mtp import MTPHead, shift_left
 from longcat_megatron.model.ngram_embedding import NgramEmbedding
 from longcat_megatron.model.parallel_info import sequence_parallel_size
+from longcat_megatron.model.per_layer_embedding import per_layer_inputs
 from longcat_megatron.model.rotary import InterleavedRotary
 
 
@@ -61,12 +66,13 @@ class LayersByGlobalIndex(torch.nn.ModuleDict):
         return iter(self.values())
 
 
-def _run_layer(layer, documents: Optional[DocumentMask] = None):
+def _run_layer(layer, documents: Optional[DocumentMask] = None, per_layer=None):
     """``layer`` as a function of tensors only (what ``tensor_parallel.checkpoint`` takes); a
-    ``DocumentMask`` (not a tensor) is bound here instead of passed."""
+    ``DocumentMask`` (not a tensor) and the per-layer embeddings' token ids are bound here."""
 
     def run(x, cos, sin, attention_mask):
-        return layer(x, (cos, sin), documents if documents is not None else attention_mask)
+        return layer(x, (cos, sin), documents if documents is not None else attention_mask,
+                     per_layer)
 
     return run
 
@@ -82,7 +88,9 @@ class LongcatBlock(MegatronModule):
             {str(offset + i): ShortcutLayer(cfg, tf_config, offset + i) for i in range(num)})
         self.input_tensor = None
 
-    def forward(self, x, rotary, attention_mask=None):
+    def forward(self, x, rotary, attention_mask=None, input_ids=None):
+        """``input_ids`` (this rank's tokens) feed the per-layer embeddings, if any."""
+        per_layer = per_layer_inputs(self.layers, input_ids)
         recompute = self._layers_to_recompute()
         cos, sin = rotary
         documents = attention_mask if isinstance(attention_mask, DocumentMask) else None
@@ -92,10 +100,10 @@ class LongcatBlock(MegatronModule):
                 # Full recompute: keep only the layer input; megatron's checkpoint restores the
                 # CPU/CUDA and model-parallel RNG states, so dropout draws the same masks again.
                 x = tensor_parallel.checkpoint(
-                    _run_layer(layer, documents), self.config.distribute_saved_activations, x,
-                    cos, sin, tensor_mask)
+                    _run_layer(layer, documents, per_layer),
+                    self.config.distribute_saved_activations, x, cos, sin, tensor_mask)
             else:
-                x = layer(x, rotary, attention_mask)
+                x = layer(x, rotary, attention_mask, per_layer)
         return x
 
     def _layers_to_recompute(self) -> int:
@@ -180,7 +188,7 @@ class LongcatModel(LanguageModule):
         if self.cfg.attention_backend == "sdpa":
             # One additive float mask shared by every attention (SDPA would convert per call).
             attention_mask = additive_mask(attention_mask, hidden.dtype)
-        hidden = self.decoder(hidden, rotary, attention_mask)
+        hidden = self.decoder(hidden, rotary, attention_mask, input_ids)
         if not self.post_process:
             return hidden
         if self.cfg.z_loss_coeff > 0 and self.training:

@@ -62,9 +62,10 @@ def ngram_parameter_count(ngram_cfg: NgramConfig, vocab_size: int, hidden_size: 
     return tables, projections
 
 
-def _check_fields(cfg: NgramConfig, vocab_size: int, hidden_size: int) -> None:
+def _check_fields(cfg: NgramConfig, vocab_size: int, hidden_size: int, section: str,
+                  width_field: str) -> None:
     def bad(name: str, msg: str) -> NgramConfigError:
-        return NgramConfigError(f"model.ngram.{name}: {msg}")
+        return NgramConfigError(f"{section}.{name}: {msg}")
 
     if cfg.emb_neighbor_num < 2:
         raise bad("emb_neighbor_num", f"{cfg.emb_neighbor_num} < 2; N counts the current token, use N >= 2")
@@ -85,27 +86,30 @@ def _check_fields(cfg: NgramConfig, vocab_size: int, hidden_size: int) -> None:
     if hidden_size % tables:
         lo = hidden_size - hidden_size % tables
         raise NgramConfigError(
-            f"model.hidden_size={hidden_size} is not divisible by K*(N-1) = "
-            f"{cfg.emb_split_num}*({cfg.emb_neighbor_num}-1) = {tables} sub-tables (model.ngram."
-            f"emb_split_num / emb_neighbor_num); change hidden_size to a multiple of {tables} "
+            f"{width_field}={hidden_size} is not divisible by K*(N-1) = "
+            f"{cfg.emb_split_num}*({cfg.emb_neighbor_num}-1) = {tables} sub-tables ({section}."
+            f"emb_split_num / emb_neighbor_num); change {width_field.rsplit('.', 1)[-1]} to a multiple of {tables} "
             f"(e.g. {lo or tables}) or pick K, N with K*(N-1) dividing {hidden_size}"
         )
 
 
 def check_ngram_rules(
-    ngram_cfg: NgramConfig, model_cfg_like: Any, total_params: Optional[int] = None
+    ngram_cfg: NgramConfig, model_cfg_like: Any, total_params: Optional[int] = None, *,
+    section: str = "model.ngram", width_field: str = "model.hidden_size",
 ) -> list[str]:
     """Validate ``ngram_cfg`` against ``model_cfg_like`` (anything with ``vocab_size`` and
-    ``hidden_size``). Raises :class:`NgramConfigError` on errors; returns the warnings that are not
-    silenced. The 50% budget rule needs ``total_params`` (whole model) and is skipped without it."""
+    ``hidden_size``: the output width). Raises :class:`NgramConfigError` on errors; returns the
+    warnings that are not silenced. The 50% budget rule needs ``total_params`` (whole model) and is
+    skipped without it. ``section`` / ``width_field`` name the config fields in the messages (the
+    per-layer N-gram Embedding: ``model.per_layer_ngram`` / ``model.ffn_hidden_size``)."""
     vocab = int(model_cfg_like.vocab_size)
     hidden = int(model_cfg_like.hidden_size)
-    _check_fields(ngram_cfg, vocab, hidden)
+    _check_fields(ngram_cfg, vocab, hidden, section, width_field)
     warnings: list[str] = []
 
     def warn(rule: str, msg: str) -> None:
         if rule not in ngram_cfg.silence:
-            warnings.append(f"[{rule}] {msg} (silence with model.ngram.silence: [{rule}])")
+            warnings.append(f"[{rule}] {msg} (silence with {section}.silence: [{rule}])")
 
     if total_params:
         tables, projections = ngram_parameter_count(ngram_cfg, vocab, hidden)

@@ -37,6 +37,13 @@ all-gathers the (small) input ids over the CP group and assumes megatron's load-
 (``megatron.core.utils.get_batch_on_this_cp_rank``: chunks r and 2CP-1-r). Cached decode passes the
 previous N-1 tokens as ``ngram_context``.
 
+Per-layer N-gram Embedding (``model.per_layer_embedding: plne``, model/per_layer_embedding.py):
+``output_width=F`` sets the width (tables F/T wide, projections [F, F/T]), ``column_output=True``
+returns ``[s, b, F/TP]`` (the whole sequence, this TP rank's columns: a ColumnParallelLinear's
+layout) by computing the whole embedding as without SP and splitting its columns, and
+``init_stream`` gives each layer its own initial values. ``table_rows`` (the hash) can be computed
+once and passed to several modules of one shape as ``forward(..., rows=)``.
+
 Checkpoints: ``sharded_state_dict`` saves ``ngram_tables`` as one [sum M_i, D] tensor sharded by row
 ranges, so it loads under any TP / partition / group size; the ShardedTensor wraps the parameter
 itself so optimizer state follows the same sharding.
@@ -60,6 +67,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
@@ -135,15 +143,26 @@ class NgramEmbedding(MegatronModule):
         ngram: NgramConfig,
         max_sequence_length: int,
         tp_group: Optional[dist.ProcessGroup] = None,
+        *,
+        output_width: Optional[int] = None,
+        column_output: bool = False,
+        init_stream: int = 0,
     ):
         super().__init__(config=config)
-        check_ngram_rules(ngram, _Shape(vocab_size, config.hidden_size))  # errors only
+        hidden = output_width or config.hidden_size
+        if column_output:   # the per-layer N-gram Embedding (model/per_layer_embedding.py)
+            check_ngram_rules(ngram, _Shape(vocab_size, hidden), section="model.per_layer_ngram",
+                              width_field="model.ffn_hidden_size")
+        else:
+            check_ngram_rules(ngram, _Shape(vocab_size, hidden))  # errors only
         self.ngram = ngram
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
         self.tp_group = tp_group or ps.get_tensor_model_parallel_group()
-        self.sequence_parallel = bool(config.sequence_parallel)
-        hidden = config.hidden_size
+        self.output_width = hidden
+        self.column_output = column_output
+        # The column layout computes the whole [s, b, width] on every TP rank (no SP sharding).
+        self.sequence_parallel = bool(config.sequence_parallel) and not column_output
         self.num_tables = ngram.num_tables
         self.table_width = hidden // self.num_tables
         self.moduli = ngram.moduli(vocab_size)
@@ -187,6 +206,7 @@ class NgramEmbedding(MegatronModule):
                         dtype=config.params_dtype, device=device)
         )
         tensor_parallel.set_tensor_model_parallel_attributes(self.ngram_tables, True, 0, 1)
+        self.ngram_tables.row_shard = (self.row_start, self.row_end)   # for parallel_slicing.shard
         if ngram.partition == "tensor_data":
             self.ngram_tables.allreduce = False
         self.post_projs = torch.nn.ModuleList(
@@ -203,7 +223,7 @@ class NgramEmbedding(MegatronModule):
         ):
             p.sequence_parallel = self.sequence_parallel
         if config.perform_initialization:
-            self.reset_ngram_parameters(torch.initial_seed())
+            self.reset_ngram_parameters(init_seed(torch.initial_seed(), init_stream))
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
 
     # ------------------------------------------------------------------------------ weights layout
@@ -333,14 +353,22 @@ class NgramEmbedding(MegatronModule):
         return emb
 
     # ------------------------------------------------------------------------------- forward
+    def table_rows(self, input_ids: Tensor, ngram_context: Optional[Tensor] = None) -> Tensor:
+        """[s, b, T] global rows of the concatenated table for this rank's tokens (the hash;
+        reads no parameter, so a caller may compute it once for several modules of one shape)."""
+        ids = self.compute_ngram_ids(input_ids, ngram_context)               # [T, b, s]
+        return (ids + self.table_offsets.to(ids.device).view(-1, 1, 1)).permute(2, 1, 0)
+
     def forward(
         self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-        ngram_context: Optional[Tensor] = None,
+        ngram_context: Optional[Tensor] = None, rows: Optional[Tensor] = None,
     ) -> Tensor:
         """input_ids [b, s] -> [s, b, h] ([s/TP, b, h] under SP). ``position_ids`` is unused (RoPE);
-        ``ngram_context [b, <=N-1]``: tokens before ``input_ids`` (cached decode)."""
-        ids = self.compute_ngram_ids(input_ids, ngram_context)               # [T, b, s]
-        rows = (ids + self.table_offsets.to(ids.device).view(-1, 1, 1)).permute(2, 1, 0)
+        ``ngram_context [b, <=N-1]``: tokens before ``input_ids`` (cached decode); ``rows``: the
+        :meth:`table_rows` of ``input_ids`` when already computed. With ``column_output`` the
+        result is ``[s, b, width/TP]`` (this TP rank's columns, a ColumnParallelLinear's layout)."""
+        if rows is None:
+            rows = self.table_rows(input_ids, ngram_context)
         if self.ngram.partition == "tensor":
             sub = self._lookup_tensor(rows)
         else:
@@ -356,9 +384,11 @@ class NgramEmbedding(MegatronModule):
             word = word.transpose(0, 1)
         out = (word + ngram_part) / (1 + self.num_tables)
         if self.ngram.amplification == "sqrt":
-            out = out * math.sqrt(self.config.hidden_size)
+            out = out * math.sqrt(self.output_width)
         elif self.output_norm is not None:
             out = self.output_norm(out)
+        if self.column_output:
+            return to_tp_columns(out.contiguous(), self.tp_group)
         out = out.contiguous()
         if self.config.fp32_residual_connection:
             out = out.float()
@@ -387,6 +417,20 @@ class NgramEmbedding(MegatronModule):
             replica_id=(0, 0, self.replica_group.rank()),
         )
         return state
+
+
+def init_seed(seed: int, stream: int) -> int:
+    """The init seed of stream ``stream`` (0: ``seed`` itself, the model's input embedding; each
+    per-layer embedding has its own stream so that no two layers start with equal tables)."""
+    return seed if stream == 0 else (seed + 1_000_000_007 * stream) % (2 ** 62)
+
+
+def to_tp_columns(out: Tensor, tp_group) -> Tensor:
+    """[s, b, width] (equal on every TP rank) -> this TP rank's [s, b, width/TP] columns; backward
+    gathers the columns, so every rank's parameters before it get the whole gradient."""
+    if tp_group.size() == 1:
+        return out
+    return scatter_to_tensor_model_parallel_region(out, group=tp_group)
 
 
 class _Shape:

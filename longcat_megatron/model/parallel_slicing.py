@@ -4,6 +4,7 @@ Layers are keyed by their global index in every layout, so only tensor and exper
 change names or shapes:
 
 * expert parallelism: local expert ``i`` of EP rank ``r`` is global expert ``r * n_local + i``;
+* N-gram tables (``row_shard``: this rank's row range over their shard group) are sliced by rows;
 * tensor parallelism: a parameter tagged ``tensor_model_parallel`` is split along its
   ``partition_dim`` (expert parameters over the expert-tensor-parallel group); SwiGLU ``linear_fc1``
   holds ``[gate shard; up shard]`` on every rank.
@@ -50,6 +51,9 @@ def _tp_rank_size(name: str) -> tuple[int, int]:
 def shard(model: torch.nn.Module, local_key: str, full: torch.Tensor) -> torch.Tensor:
     """This rank's slice of the full tensor ``full`` for parameter/buffer ``local_key``."""
     p, dim = _param_and_partition_dim(model, local_key)
+    row_shard = getattr(p, "row_shard", None)     # NgramEmbedding's tables: their own row range
+    if row_shard is not None:
+        return full[row_shard[0]:row_shard[1]]
     if p is None or not getattr(p, "tensor_model_parallel", False):
         return full
     rank, size = _tp_rank_size(local_key)
@@ -80,6 +84,8 @@ def _param_and_partition_dim(model: torch.nn.Module, local_key: str):
 def _is_glu(model: torch.nn.Module, local_key: str) -> bool:
     """Whether the MLP owning this ``linear_fc1.weight`` is gated (SwiGLU)."""
     module = model.get_submodule(local_key.rsplit(".", 2)[0])
+    if hasattr(module, "gated_fc1"):     # per-layer embedding MLPs: fc1 is the gate only
+        return module.gated_fc1
     return bool(getattr(getattr(module, "config", None), "gated_linear_unit", False))
 
 

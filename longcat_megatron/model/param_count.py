@@ -28,12 +28,31 @@ def mtp_parameters(cfg) -> int:
     return cfg.vocab_size * h + 2 * h * h + mla_parameters(cfg) + 3 * h * cfg.ffn_hidden_size + 5 * h
 
 
+def per_layer_embedding_parameters(cfg) -> tuple[int, int, int]:
+    """(token tables, hashed n-gram tables, projections) of the per-layer embeddings of all dense
+    MLPs (two per shortcut layer; ``model.per_layer_embedding``); zeros for none."""
+    kind = getattr(cfg, "per_layer_embedding", "none")
+    if kind == "none":
+        return 0, 0, 0
+    mlps = 2 * cfg.num_layers
+    tokens = mlps * cfg.vocab_size * cfg.ffn_hidden_size
+    if kind == "ple":
+        return tokens, 0, 0
+    ngram = cfg.layer_ngram()
+    tables, projections = ngram_parameter_count(ngram, cfg.vocab_size, cfg.ffn_hidden_size)
+    if ngram.amplification == "layernorm":
+        projections += 2 * cfg.ffn_hidden_size
+    return tokens, mlps * tables, mlps * projections
+
+
 def total_parameters(cfg) -> int:
     """Parameters of the ``arch: longcat`` main model (MTP head excluded) from the config alone;
     equals the sum of ``summary.count_parameters`` without the MTP head (tests/test_longcat_config.py)."""
     h = cfg.hidden_size
     mla = mla_parameters(cfg)
-    dense = 3 * h * cfg.ffn_hidden_size
+    # SwiGLU gate, up and down; a per-layer embedding replaces the up projection
+    per_layer = getattr(cfg, "per_layer_embedding", "none") != "none"
+    dense = (2 if per_layer else 3) * h * cfg.ffn_hidden_size
     experts = cfg.num_experts or 0
     expert = 3 * h * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)
     layer = 2 * (mla + dense + 2 * h) + (experts + cfg.zero_expert_num) * h + experts * expert
@@ -42,4 +61,4 @@ def total_parameters(cfg) -> int:
         total += sum(ngram_parameter_count(cfg.ngram, cfg.vocab_size, h))
         if cfg.ngram.amplification == "layernorm":
             total += 2 * h
-    return total
+    return total + sum(per_layer_embedding_parameters(cfg))

@@ -7,8 +7,9 @@ The model is built on the meta device (no memory, no initialisation) in a single
 With ``model.ngram`` the input embedding is the N-gram Embedding: its hashed sub-tables and their
 projections are reported as their own parts (and summed as "N-gram Embedding").
 "Activated per token" counts every parameter a token touches except the input embedding (the token
-embedding and, with ``model.ngram``, the whole N-gram Embedding: tables and projections; the MTP
-head is reported separately): attention, dense MLPs, routers, norms, LM head, plus k FFN experts
+embedding and, with ``model.ngram``, the whole N-gram Embedding: tables and projections; with
+``model.per_layer_embedding`` the dense MLPs' per-layer tables and projections, also lookups; the
+MTP head is reported separately): attention, dense MLPs, routers, norms, LM head, plus k FFN experts
 per layer for k = 0 ... top-k (zero experts cost nothing). The value at the budget target K_e is
 printed when configured.
 
@@ -27,8 +28,15 @@ from longcat_megatron.model.param_count import total_parameters  # noqa: F401  (
 
 # Input-embedding parts (the first matching part wins, so the N-gram parts come first).
 NGRAM_PARTS = ("N-gram tables", "N-gram projections")
-INPUT_EMBEDDING_PARTS = ("embedding",) + NGRAM_PARTS
+# model.per_layer_embedding: the dense MLPs' own token tables, hashed tables and projections.
+PER_LAYER_PARTS = ("per-layer token tables", "per-layer n-gram tables", "per-layer projections")
+# Left out of "activated per token" (lookups, like the input embedding).
+INPUT_EMBEDDING_PARTS = ("embedding",) + NGRAM_PARTS + PER_LAYER_PARTS
 PARTS = OrderedDict([
+    ("per-layer token tables", (".per_layer_embedding.word_embeddings.",)),
+    ("per-layer n-gram tables", (".per_layer_embedding.ngram_tables",)),
+    ("per-layer projections", (".per_layer_embedding.post_projs.",
+                               ".per_layer_embedding.output_norm.")),
     ("N-gram tables", ("embedding.ngram_tables",)),
     ("N-gram projections", ("embedding.post_projs.", "embedding.output_norm.")),
     ("embedding", ("embedding.",)),
@@ -84,6 +92,7 @@ def summarize(cfg) -> dict:
     base = main - sum(counts[p] for p in INPUT_EMBEDDING_PARTS) - counts["FFN experts"]
     out = {"parts": counts, "total": main, "mtp": counts["MTP head"],
            "ngram": sum(counts[p] for p in NGRAM_PARTS),
+           "per_layer": sum(counts[p] for p in PER_LAYER_PARTS),
            "activated_min": base, "activated_max": base + cfg.moe_router_topk * per_expert_all_layers,
            "per_ffn_expert_all_layers": per_expert_all_layers}
     if cfg.budget_target_ffn_experts is not None:
@@ -106,14 +115,19 @@ def render(cfg, s: dict) -> str:
                      f"{max(moduli):,} rows x {cfg.hidden_size // ng.num_tables}")
     for part, n in s["parts"].items():
         if n and part != "MTP head":
-            lines.append(f"  {part:<18} {_b(n):>10}  ({n:,})")
+            lines.append(f"  {part:<23} {_b(n):>10}  ({n:,})")
     if s["ngram"]:
-        lines.append(f"  {'N-gram Embedding':<18} {_b(s['ngram']):>10}  ({s['ngram']:,})  "
+        lines.append(f"  {'N-gram Embedding':<23} {_b(s['ngram']):>10}  ({s['ngram']:,})  "
                      f"[{s['ngram'] / s['total']:.1%} of the total]")
-    lines.append(f"  {'total':<18} {_b(s['total']):>10}  ({s['total']:,})  [MTP not included]")
+    if s["per_layer"]:
+        lines.append(f"  {'per-layer embeds':<23} {_b(s['per_layer']):>10}  ({s['per_layer']:,})  "
+                     f"[{s['per_layer'] / s['total']:.1%} of the total, {cfg.per_layer_embedding}]")
+    lines.append(f"  {'total':<23} {_b(s['total']):>10}  ({s['total']:,})  [MTP not included]")
     if s["mtp"]:
-        lines.append(f"  {'MTP head':<18} {_b(s['mtp']):>10}  ({s['mtp']:,})")
+        lines.append(f"  {'MTP head':<23} {_b(s['mtp']):>10}  ({s['mtp']:,})")
     left_out = "the input embedding" + (" (token + whole N-gram Embedding)" if s["ngram"] else "")
+    if s["per_layer"]:
+        left_out += " and the per-layer embeddings"
     lines.append(f"activated per token (all but {left_out}, k FFN experts of "
                  f"{_b(s['per_ffn_expert_all_layers'])} each over all layers): "
                  f"{_b(s['activated_min'])} (k=0) - {_b(s['activated_max'])} (k={cfg.moe_router_topk})")
