@@ -1,8 +1,8 @@
 """The study report: a markdown table of every finished run and the plots (longcat_megatron/plotting.py).
 
 Figures: ``<figures_dir>/<spec name>_ratio.png`` (final validation and training loss against the
-total/activated ratio, one line per strategy; strategies that do not scale the total - N/K,
-amplification, vocabulary - appear as points at their ratio) and ``<spec name>_curves.png`` (the
+total/activated ratio, one line per strategy; strategies whose runs share a total - N/K,
+amplification, seeds - appear as points at their ratio) and ``<spec name>_curves.png`` (the
 training and validation loss curves of all runs). The generated block goes between the markers
 ``BEGIN`` / ``END`` of the report document (docs/embedding_study.md has them in its "Results"
 section); the rest of the document, the lead's notes included, is kept as it is.
@@ -74,7 +74,11 @@ def plots(spec: Spec, results: dict, figures_dir: str) -> list[str]:
             pts = sorted(((r["ratio"], r[key]) for r in rs + (base if strat in ("experts", "ngram") else [])
                           if r.get(key) is not None), key=lambda p: p[0])
             if pts:
-                out[strat] = ([p[0] for p in pts], [p[1] for p in pts])
+                xs = [p[0] for p in pts]
+                # a line only where the strategy scales the total; variants at one total (N/K,
+                # amplification, seeds) are points
+                style = {} if len(set(round(x, 2) for x in xs)) == len(xs) else {"linestyle": "none", "markersize": 5}
+                out[strat] = (xs, [p[1] for p in pts], style)
         return out
 
     ratio_png = os.path.join(figures_dir, f"{spec.name}_ratio.png")
