@@ -297,6 +297,7 @@ def _layer_table(result):
 
 
 def test_resume_at_another_tp_and_no_hf_export(tmp_path):
+    """TP2 run saved at 3: resumed at TP1 (tables resharded) within 1e-5, at TP2 bitwise; no HF export."""
     from ckpt_convert import ConversionError
     from ckpt_convert.to_hf import convert
 
@@ -315,6 +316,16 @@ def test_resume_at_another_tp_and_no_hf_export(tmp_path):
     for it in (4, 5, 6):
         assert abs(resumed["losses"][it] - losses[it]) <= 1e-5 * abs(losses[it]), (
             it, resumed["losses"][it], losses[it])
+    # and at the saved layout (TP2 + SP): bitwise the uninterrupted run, losses and weights
+    shutil.rmtree(ckpt / "iter_0000006")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    same = run_distributed(run_training, 2, STEPS + save, TINY_PLNE, timeout=300)
+    for rank, r in enumerate(same):
+        assert r["resumed_from"] == 3
+        assert r["losses"] == {k: v for k, v in straight[rank]["losses"].items() if k > 3}, rank
+        assert r["weights"].keys() == straight[rank]["weights"].keys()
+        for k, v in straight[rank]["weights"].items():
+            assert r["weights"][k].equal(v), (rank, k)
     with pytest.raises(ConversionError, match=r"model\.per_layer_embedding='plne'"):
         convert(str(ckpt), str(tmp_path / "hf"), progress=False)
     assert not (tmp_path / "hf").exists()
